@@ -1,0 +1,89 @@
+"""The `tnlit` command: help, every shipped config, the report end to end, and clear errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tnlit.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert len(CONFIGS) >= 3
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_shipped_config_parses(config, capsys):
+    subcommand = "report" if config.name.startswith("report_") else None
+    assert subcommand, f"{config}: no subcommand known for this config; teach this test"
+    with pytest.raises(SystemExit) as done:
+        main([subcommand, "--config", str(config), "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["plan"]["rules"], "a plan with rules"
+    build_parser().parse_args([subcommand, "--config", str(config)])
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--model", "--plan.rules", "--plan.exclude", "--dry_run", "--pretrained", "--csv", "--json"):
+        assert option in out
+    assert "meta device" in out  # docstrings become help
+
+
+def test_report_end_to_end(tmp_path, capsys):
+    main(
+        ["report", "--config", str(ROOT / "configs/tiny_gpt2/report_mlp_mpo_cr0.48.yaml"),
+         "--csv", str(tmp_path / "r.csv"), "--json", str(tmp_path / "r.json")]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "whole-model CR" in out
+    assert json.loads((tmp_path / "r.json").read_text())["layers"][0]["ranks"] == [33]
+    assert (tmp_path / "r.csv").read_text().startswith("name,format,module_type,shape")
+
+
+def test_gpt2_xl_dry_run_shows_the_papers_numbers(capsys):
+    main(["report", "--config", str(ROOT / "configs/gpt2_xl/report_mlp_mpo_cr0.48.yaml")])
+    out = capsys.readouterr().out
+    assert "96 layers tensorized, whole-model CR 0.30" in out
+    assert "40x40 -> 80x80  832" in out
+
+
+def test_bad_plan_is_a_clear_error_without_traceback(capsys):
+    with pytest.raises(SystemExit) as done:
+        rules = '[{pattern: "transformer.h.0.mlp.c_fc", format: mpo, cr: 0.999}]'
+        main(["report", "--model", "tiny-gpt2", "--plan.rules", rules])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "out of reach" in err and "Traceback" not in err
+
+
+def test_config_typo_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny-gpt2\nplan:\n  rules:\n    - pattern: x\n      format: mpo\n      crr: 0.5\n")
+    with pytest.raises(SystemExit) as done:
+        main(["report", "--config", str(bad)])
+    assert done.value.code == 2
+    assert "crr" in capsys.readouterr().err
+
+
+def test_unknown_model_names_what_is_known(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["report", "--model", "no-such-model", "--plan.rules", "[{pattern: x, format: mpo}]"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and "tiny-gpt2" in err
+
+
+def test_console_script_is_installed():
+    tnlit = Path(sys.executable).with_name("tnlit")
+    out = subprocess.run([tnlit, "--help"], capture_output=True, text=True, check=True)
+    assert "report" in out.stdout and "fit|validate|test" in out.stdout

@@ -1,0 +1,114 @@
+"""The ``tnlit`` command.
+
+``tnlit fit | validate | test | predict`` are LightningCLI's subcommands (teacher training, global
+finetuning); the others are tnlit's own. Every subcommand takes ``--config FILE.yaml`` and
+``--print_config``, and ``--help`` shows every option with its documentation.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+from tnlit.tensorize import CompressionReport, TensorizeError, TensorizePlan, estimate, tensorize
+
+__all__ = ["main", "report"]
+
+_LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# Field docstrings of the config dataclasses (Rule, TensorizePlan) become the help of their options.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+def report(
+    model: str,
+    plan: TensorizePlan,
+    pretrained: bool = False,
+    dry_run: bool = False,
+    csv: Path | None = None,
+    json: Path | None = None,
+) -> CompressionReport:
+    """Tensorize a model by a plan and print the compression report: one row per layer, then the whole model.
+
+    Args:
+        model: A built-in name (tiny-gpt2, gpt2-xl-arch), a torchvision model name (resnet34), a local
+            Hugging Face model directory, or a Hugging Face hub name.
+        plan: The tensorization plan: rules (pattern, format, cr | rank | bond_dim, sites) and exclude.
+        pretrained: Load pretrained weights for a torchvision name (otherwise random weights).
+        dry_run: Count parameters from closed forms only: no weights, no decomposition, no error column.
+            The model is built on the meta device, so GPT-2 XL takes seconds and no memory.
+        csv: Also write the per-layer rows to this CSV file.
+        json: Also write the report (rows and whole-model counts) to this JSON file.
+    """
+    from tnlit.models import load_model
+
+    net = load_model(model, pretrained=pretrained, meta=dry_run)
+    if dry_run:
+        result = estimate(net, plan)
+    else:
+        _, result = tensorize(net, plan)
+    print(result)
+    if csv is not None:
+        result.to_csv(csv)
+    if json is not None:
+        result.to_json(json)
+    return result
+
+
+_COMMANDS = {"report": report}
+
+
+def build_parser() -> ArgumentParser:
+    """The parser of tnlit's own subcommands (LightningCLI parses ``fit | validate | test | predict``)."""
+    parser = ArgumentParser(
+        prog="tnlit",
+        description=(
+            "Compress pretrained networks by tensorization. Also: 'tnlit fit|validate|test|predict' "
+            "(LightningCLI; see 'tnlit fit --help')."
+        ),
+    )
+    subcommands = parser.add_subcommands()
+    for name, fn in _COMMANDS.items():
+        sub = ArgumentParser(description=fn.__doc__.split("\n\n")[0])
+        sub.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of the options below.")
+        sub.add_function_arguments(fn, as_group=False)
+        subcommands.add_subcommand(name, sub, help=fn.__doc__.split("\n")[0])
+    return parser
+
+
+def _lightning_cli(argv: list[str]) -> None:
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``tnlit`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _LIGHTNING_SUBCOMMANDS:
+        _lightning_cli(argv)
+        return
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    name = cfg.subcommand
+    init = parser.instantiate(cfg)[name]
+    kwargs = {k: v for k, v in init.items() if k != "config"}
+    try:
+        _COMMANDS[name](**kwargs)
+    except (TensorizeError, ValueError) as err:
+        # A bad plan or model name is the user's to fix: say what, without a traceback.
+        parser.exit(2, f"tnlit {name}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()

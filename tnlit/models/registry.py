@@ -1,0 +1,101 @@
+"""Models by name: built-in architectures, torchvision models, and Hugging Face causal LMs.
+
+``load_model(name)`` looks the name up in that order: the built-in registry (small models built in
+memory, and paper architectures built from their configs), torchvision's model names, then a local
+directory or a Hugging Face hub name (``from_pretrained``). Nothing is downloaded unless the name asks
+for pretrained weights that are not cached, and then only when the network and the hub allow it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["MODELS", "ModelNotFoundError", "load_model", "register_model"]
+
+MODELS: dict[str, Callable[[], nn.Module]] = {}
+
+
+class ModelNotFoundError(ValueError):
+    """A model name that is neither built in, nor a torchvision model, nor a loadable Hugging Face model."""
+
+
+def register_model(name: str) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+    """Add a zero-argument model factory to the built-in registry under ``name``."""
+
+    def add(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+        MODELS[name] = factory
+        return factory
+
+    return add
+
+
+def _gpt2(**config) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(**config))
+
+
+@register_model("tiny-gpt2")
+def tiny_gpt2() -> nn.Module:
+    """A 2-layer GPT-2 (width 64, vocabulary 512) with random weights, for trying things in seconds."""
+    return _gpt2(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=512, bos_token_id=511, eos_token_id=511)
+
+
+@register_model("gpt2-xl-arch")
+def gpt2_xl_arch() -> nn.Module:
+    """GPT-2 XL's architecture (48 layers, width 1600, 1.56B parameters) with random weights, no download."""
+    return _gpt2(n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257)
+
+
+def load_model(name: str, *, pretrained: bool = False, meta: bool = False) -> nn.Module:
+    """Build or load the model called ``name``.
+
+    Args:
+        name: a built-in name (see ``MODELS``), a torchvision model name (``resnet34``), a local directory
+            holding a Hugging Face model, or a Hugging Face hub name.
+        pretrained: for torchvision names, load the default pretrained weights (downloaded once by torchvision
+            when not cached). Hugging Face models are always loaded with their weights.
+        meta: build the architecture on the ``meta`` device, without weights or memory (for counting
+            parameters only). Works for built-in and torchvision names, and Hugging Face configs.
+    """
+    device = torch.device("meta") if meta else contextlib.nullcontext()
+    if name in MODELS:
+        with device:
+            return MODELS[name]()
+    import torchvision
+
+    if name in torchvision.models.list_models():
+        weights = "DEFAULT" if pretrained and not meta else None
+        try:
+            with device:
+                return torchvision.models.get_model(name, weights=weights)
+        except Exception as err:  # noqa: BLE001 - torchvision raises URLError, RuntimeError, ... on a failed download
+            raise ModelNotFoundError(
+                f"could not load torchvision's pretrained weights for {name!r} ({err}); put them in torch's cache "
+                f"({torch.hub.get_dir()}/checkpoints) or run with network access once"
+            ) from err
+    return _load_hf(name, meta=meta)
+
+
+def _load_hf(name: str, *, meta: bool) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    local = Path(name).expanduser()
+    source = str(local) if local.is_dir() else name
+    try:
+        if meta:
+            config = AutoConfig.from_pretrained(source)
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(
+            f"model {name!r} is not built in (known: {', '.join(sorted(MODELS))}), not a torchvision model name, and "
+            f"could not be loaded by Hugging Face ({type(err).__name__}: {err}). Give a local directory saved with "
+            "save_pretrained(), or a hub name that is cached or reachable (HF_HUB_OFFLINE=1 forbids downloads)."
+        ) from err
