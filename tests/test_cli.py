@@ -87,3 +87,25 @@ def test_console_script_is_installed():
     tnlit = Path(sys.executable).with_name("tnlit")
     out = subprocess.run([tnlit, "--help"], capture_output=True, text=True, check=True)
     assert "report" in out.stdout and "fit|validate|test" in out.stdout
+
+
+def test_report_on_a_saved_hugging_face_directory(tmp_path, capsys):
+    from conftest import tiny_gpt2
+
+    tiny_gpt2().save_pretrained(tmp_path / "model")
+    main(
+        [
+            "report",
+            "--model",
+            str(tmp_path / "model"),
+            "--plan.rules",
+            "[{pattern: 'transformer.h.1.mlp.c_fc', format: lowrank, cr: 0.5}]",
+        ]
+    )
+    assert "transformer.h.1.mlp.c_fc  lowrank" in capsys.readouterr().out
+
+
+def test_lightning_subcommands_are_lightning_cli():
+    tnlit = Path(sys.executable).with_name("tnlit")
+    out = subprocess.run([tnlit, "fit", "--help"], capture_output=True, text=True, check=True)
+    assert "--trainer.max_epochs" in out.stdout and "--model" in out.stdout

@@ -78,7 +78,11 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _lightning_cli(argv: list[str]) -> None:
+def _lightning_cli(argv: list[str] | None) -> None:
+    """LightningCLI over any LightningModule / LightningDataModule (``--model``, ``--data`` class paths).
+
+    ``argv=None`` lets it read ``sys.argv`` itself (it warns when given both).
+    """
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
@@ -94,9 +98,10 @@ def _lightning_cli(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tnlit`` console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _LIGHTNING_SUBCOMMANDS:
-        _lightning_cli(argv)
+        _lightning_cli(None if from_command_line else argv)
         return
     parser = build_parser()
     cfg = parser.parse_args(argv)

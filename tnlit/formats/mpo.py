@@ -9,6 +9,7 @@ computes; for two sites that is the truncated SVD of the regrouped ``(i_1 o_1) x
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -42,8 +43,14 @@ def mpo_to_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """The ``(d_in, d_out)`` matrix an MPO represents."""
     d_in = math.prod(c.shape[1] for c in cores)
     d_out = math.prod(c.shape[2] for c in cores)
-    full = oe.contract(mpo_equation(len(cores), batched=False), *cores, backend="torch")
+    full = _rebuild_expression(tuple(tuple(c.shape) for c in cores))(*cores, backend="torch")
     return full.reshape(d_in, d_out)
+
+
+@functools.lru_cache(maxsize=256)
+def _rebuild_expression(core_shapes: tuple[tuple[int, ...], ...]) -> oe.contract.ContractExpression:
+    """The cores-to-matrix contraction, its path found once per shape (a layer rebuilds on every forward)."""
+    return oe.contract_expression(mpo_equation(len(core_shapes), batched=False), *core_shapes, optimize="optimal")
 
 
 def mpo_from_matrix(
