@@ -1,0 +1,53 @@
+"""What the training methods share: which parameters train, and the optimizer with its schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from tnlit.layers.base import TensorizedLayer
+
+__all__ = ["Schedule", "configure_adam", "factor_parameters"]
+
+Schedule = Literal["constant", "cosine"]
+
+
+def factor_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """The factors of every tensorized layer in ``modules`` (each once): what compression recovery trains."""
+    seen: dict[int, nn.Parameter] = {}
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, TensorizedLayer):
+                for p in m.factors():
+                    seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def configure_adam(
+    params: list[nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float,
+    schedule: Schedule,
+    warmup_steps: int,
+    total_steps: int,
+) -> dict:
+    """Adam(W) with a linear warm-up and then a constant or cosine rate, stepped every optimizer step."""
+    optimizer = (
+        torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay else torch.optim.Adam(params, lr=lr)
+    )
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,121 @@
+"""Global finetuning, the paper's baseline: the whole tensorized student trained end to end on the task loss.
+
+As in the paper the non-tensorized parameters stay frozen (and so do BatchNorm statistics); only the factors
+train. Logit distillation from the teacher (KL at a temperature) can be mixed into the task loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from tnlit.activations import batch_input
+from tnlit.methods.common import Schedule, configure_adam, factor_parameters
+
+__all__ = ["GlobalFinetune", "logits_of", "task_loss"]
+
+Task = Literal["classification", "causal_lm"]
+
+
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a classifier (a tensor) or of a Hugging Face model (``.logits``)."""
+    out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def task_loss(task: Task, logits: torch.Tensor, batch: Any) -> torch.Tensor:
+    """Cross-entropy on the labels, or the next-token loss of a causal LM on its own input ids."""
+    if task == "classification":
+        return F.cross_entropy(logits.float(), batch[1])
+    ids = batch_input(batch)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+class GlobalFinetune(LightningModule):
+    """Finetune a tensorized student end to end with the task loss (and optionally the teacher's logits)."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        *,
+        task: Task,
+        teacher: nn.Module | None = None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        schedule: Schedule = "constant",
+        warmup_steps: int = 0,
+        kd_weight: float = 0.0,
+        temperature: float = 2.0,
+    ) -> None:
+        """
+        Args:
+            student: The tensorized model; only its factors train.
+            task: ``classification`` (batches ``(x, y)``) or ``causal_lm`` (batches of token ids).
+            teacher: The dense model, needed only when ``kd_weight > 0``.
+            lr: Adam learning rate (the paper: 5e-4 for ResNet-34, 5e-5 for GPT-2 XL).
+            weight_decay: AdamW weight decay (0 = plain Adam).
+            schedule: ``constant`` or ``cosine`` decay over the run, after ``warmup_steps`` of linear warm-up.
+            warmup_steps: Optimizer steps of linear warm-up.
+            kd_weight: Weight of logit distillation, ``(1 - w) * task + w * T^2 * KL(teacher || student)``.
+            temperature: Softmax temperature of the logit distillation.
+        """
+        super().__init__()
+        if task not in ("classification", "causal_lm"):
+            raise ValueError(f"task must be 'classification' or 'causal_lm', got {task!r}")
+        if kd_weight and teacher is None:
+            raise ValueError("kd_weight > 0 needs the teacher")
+        self.save_hyperparameters(ignore=["teacher", "student"])
+        self.student = student.requires_grad_(False)
+        self.teacher = None if teacher is None else teacher.requires_grad_(False)
+        self.trainable = factor_parameters([student])
+        if not self.trainable:
+            raise ValueError("the student has no tensorized layer to train")
+        for p in self.trainable:
+            p.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> GlobalFinetune:
+        # The dense parts are frozen: BatchNorm keeps the teacher's statistics, dropout stays off.
+        super().train(mode)
+        self.student.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        logits = logits_of(self.student, batch_input(batch))
+        loss = task_loss(self.hparams.task, logits, batch)
+        self.log("train/task_loss", loss, on_step=True, on_epoch=True)
+        if self.hparams.kd_weight:
+            with torch.no_grad():
+                target = logits_of(self.teacher, batch_input(batch))
+            t = self.hparams.temperature
+            # Per position (image or token), like the task loss.
+            student_logp = F.log_softmax(logits.flatten(0, -2).float() / t, -1)
+            teacher_logp = F.log_softmax(target.flatten(0, -2).float() / t, -1)
+            kd = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean") * t * t
+            loss = (1 - self.hparams.kd_weight) * loss + self.hparams.kd_weight * kd
+        if not torch.isfinite(loss):
+            raise FloatingPointError("non-finite global finetuning loss: lower the lr")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        logits = logits_of(self.student, batch_input(batch))
+        loss = task_loss(self.hparams.task, logits, batch)
+        self.log("val/loss", loss, prog_bar=True)
+        if self.hparams.task == "classification":
+            self.log("val/acc", (logits.argmax(-1) == batch[1]).float().mean() * 100, prog_bar=True)
+
+    def configure_optimizers(self) -> dict:
+        return configure_adam(
+            self.trainable,
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            schedule=self.hparams.schedule,
+            warmup_steps=self.hparams.warmup_steps,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+        )
