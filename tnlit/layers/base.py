@@ -24,9 +24,6 @@ __all__ = ["Contraction", "TensorizedLayer", "dense_weight_io", "is_hf_conv1d"]
 Contraction = Literal["auto", "factors", "dense"]
 _CONTRACTIONS = ("auto", "factors", "dense")
 
-# Work per output element that a factor-by-factor forward pays beyond the dense one: the extra kernels
-# read and write their intermediates, which a FLOP count misses. Measured by reproduce/bench_layers.py.
-FACTOR_OVERHEAD = 1.0
 # Input shapes whose strategy a layer remembers; a workload with ever-new shapes (LM evaluation with
 # ragged lengths) recomputes the choice instead of growing the cache without bound.
 _PLAN_CACHE_SIZE = 64
@@ -57,6 +54,12 @@ class TensorizedLayer(nn.Module):
 
     Subclasses implement :meth:`factors`, :meth:`to_dense_weight` and :meth:`_costs`.
     """
+
+    factor_overhead: float = 1.0
+    """How many times its FLOP count a factor-by-factor forward really costs against one GEMM / conv: its
+    steps read and write large intermediates and run smaller, less efficient kernels. Set per layer type
+    from reproduce/bench_layers.py; the choice is "factors" when ``factor_flops * factor_overhead`` is
+    below the dense strategy's FLOPs."""
 
     def __init__(self, contraction: Contraction = "auto") -> None:
         super().__init__()
@@ -97,7 +100,7 @@ class TensorizedLayer(nn.Module):
         choice = self._plans.get(key)
         if choice is None:
             factor_cost, dense_cost = self._costs(key)
-            choice = "factors" if factor_cost * FACTOR_OVERHEAD < dense_cost else "dense"
+            choice = "factors" if factor_cost * self.factor_overhead < dense_cost else "dense"
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.clear()
             self._plans[key] = choice

@@ -70,6 +70,11 @@ class MPOLinear(FactorizedLinear):
     ``bond_dims`` lists the inner bonds.
     """
 
+    # Measured on CPU (results/bench_layers.md): an MPO sweep runs at a third to a half of the GEMM's FLOP rate
+    # once its intermediates are large (bond 832: the right pick needs 1.7-3.4 for forward+backward; bond
+    # 160: 1.0-1.8). 1.8 gets training steps right for both; forward alone at bond 832 near 12 tokens is off.
+    factor_overhead = 1.8
+
     def __init__(
         self,
         in_dims: Sequence[int],
