@@ -7,11 +7,13 @@ finetuning); the others are tnlit's own. Every subcommand takes ``--config FILE.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+from tnlit.pipeline import RunDirError
 from tnlit.tensorize import CompressionReport, TensorizeError, TensorizePlan, estimate, tensorize
 
 __all__ = ["main", "report"]
@@ -57,7 +59,11 @@ def report(
     return result
 
 
-_COMMANDS = {"report": report}
+def _commands() -> dict:
+    """tnlit's own subcommands: a function each, whose signature and docstring make the options and help."""
+    from tnlit.pipeline import compress
+
+    return {"report": report, "compress": compress}
 
 
 def build_parser() -> ArgumentParser:
@@ -70,7 +76,7 @@ def build_parser() -> ArgumentParser:
         ),
     )
     subcommands = parser.add_subcommands()
-    for name, fn in _COMMANDS.items():
+    for name, fn in _commands().items():
         sub = ArgumentParser(description=fn.__doc__.split("\n\n")[0])
         sub.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of the options below.")
         sub.add_function_arguments(fn, as_group=False)
@@ -109,10 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     init = parser.instantiate(cfg)[name]
     kwargs = {k: v for k, v in init.items() if k != "config"}
     try:
-        _COMMANDS[name](**kwargs)
-    except (TensorizeError, ValueError) as err:
+        result = _commands()[name](**kwargs)
+    except (TensorizeError, ValueError, RunDirError, FileNotFoundError) as err:
         # A bad plan or model name is the user's to fix: say what, without a traceback.
         parser.exit(2, f"tnlit {name}: error: {err}\n")
+    if name == "compress":
+        print(json.dumps({k: result.get(k) for k in ("teacher_metric", "init_metric", "metrics", "times")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from torch import nn
 
 from tnlit.layers.base import TensorizedLayer
 
-__all__ = ["Schedule", "configure_adam", "factor_parameters"]
+__all__ = ["FactorCheckpoints", "Schedule", "configure_adam", "factor_parameters"]
 
 Schedule = Literal["constant", "cosine"]
 
@@ -51,3 +51,15 @@ def configure_adam(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class FactorCheckpoints:
+    """LightningModule mixin: checkpoints hold what trains (``self.trainable``), not the frozen teacher and
+    student, so an epoch checkpoint of GPT-2 XL's slices weighs the factors and their optimizer state only."""
+
+    trainable: list[nn.Parameter]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {id(p) for p in self.trainable}
+        names = {name for name, p in self.named_parameters() if id(p) in keep}  # type: ignore[attr-defined]
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}

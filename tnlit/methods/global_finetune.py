@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from tnlit.activations import batch_input
-from tnlit.methods.common import Schedule, configure_adam, factor_parameters
+from tnlit.methods.common import FactorCheckpoints, Schedule, configure_adam, factor_parameters
 
 __all__ = ["GlobalFinetune", "logits_of", "task_loss"]
 
@@ -35,7 +35,7 @@ def task_loss(task: Task, logits: torch.Tensor, batch: Any) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-class GlobalFinetune(LightningModule):
+class GlobalFinetune(FactorCheckpoints, LightningModule):
     """Finetune a tensorized student end to end with the task loss (and optionally the teacher's logits)."""
 
     def __init__(
@@ -76,6 +76,7 @@ class GlobalFinetune(LightningModule):
             raise ValueError("the student has no tensorized layer to train")
         for p in self.trainable:
             p.requires_grad_(True)
+        self.strict_loading = False  # checkpoints hold the trainable tensors only
 
     def train(self, mode: bool = True) -> GlobalFinetune:
         # The dense parts are frozen: BatchNorm keeps the teacher's statistics, dropout stays off.

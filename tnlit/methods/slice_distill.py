@@ -17,13 +17,13 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from tnlit.activations import batch_input, capture, capture_student
-from tnlit.methods.common import Schedule, configure_adam, factor_parameters
+from tnlit.methods.common import FactorCheckpoints, Schedule, configure_adam, factor_parameters
 from tnlit.slices import Slice, SliceModule
 
 __all__ = ["SliceDistillation"]
 
 
-class SliceDistillation(LightningModule):
+class SliceDistillation(FactorCheckpoints, LightningModule):
     """Train the given slices of a student on the teacher's activations (MSE); only their factors train."""
 
     def __init__(
@@ -64,6 +64,7 @@ class SliceDistillation(LightningModule):
             raise ValueError(f"slices {[s.name for s in self.slices]} hold no tensorized layer to train")
         for p in self.trainable:
             p.requires_grad_(True)
+        self.strict_loading = False  # checkpoints hold the trainable tensors only
 
     def train(self, mode: bool = True) -> SliceDistillation:
         # Everything outside the factors is frozen, BatchNorm statistics and dropout included.

@@ -1,0 +1,395 @@
+"""``compress()``: tensorize -> slices -> train (slice-wise, global, or both) -> assemble -> evaluate.
+
+Everything lands in one run directory:
+
+```
+run_dir/
+  config.json        the config this directory belongs to (a different one is refused unless overwrite)
+  state.json         what is done, the metrics and the times so far (rewritten atomically)
+  report.csv/.json   the compression report
+  ckpt/<phase>/      Lightning's last.ckpt of the phase in progress (trainable tensors only)
+  slices/<name>.safetensors   each finished slice's factors
+  student.safetensors          the assembled student
+```
+
+Rerunning the same command resumes: finished slices and phases are loaded, not retrained; a phase that was
+interrupted restarts from its last epoch checkpoint; a finished run only reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tnlit.methods.common import Schedule
+from tnlit.methods.global_finetune import GlobalFinetune
+from tnlit.methods.slice_distill import SliceDistillation
+from tnlit.slices import Slice, SliceModule, make_slices
+from tnlit.tensorize import TensorizePlan, tensorize
+
+__all__ = ["FinetuneSettings", "RunDirError", "SliceSettings", "compress", "load_teacher"]
+
+Task = Literal["classification", "causal_lm"]
+Method = Literal["slicewise", "global", "hybrid"]
+
+
+@dataclass
+class SliceSettings:
+    """Slice-wise distillation settings."""
+
+    granularity: str = "block"
+    """``layer`` (each tensorized module), ``block`` (ResNet block, transformer MLP) or ``group:k``."""
+    block_pattern: str | None = None
+    """Regex naming the blocks; a preset (ResNet, GPT-2, LLaMA) is found when omitted."""
+    mode: Literal["stream", "serial"] = "stream"
+    """``stream``: one teacher forward per batch trains every slice; ``serial``: one slice after another."""
+    inputs: Literal["teacher", "student"] = "teacher"
+    """A slice's input: the teacher's activation (the paper) or the distilled earlier slices' output."""
+    epochs: int = 1
+    """Epochs over the training data (per slice in serial mode)."""
+    lr: float = 1e-3
+    """Adam learning rate (the paper: 1e-3 for ResNet-34 on CIFAR)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay; 0 is plain Adam."""
+    schedule: Schedule = "constant"
+    """``constant`` or ``cosine`` decay after the warm-up."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up."""
+
+
+@dataclass
+class FinetuneSettings:
+    """Global finetuning settings (the baseline, and the second half of the hybrid)."""
+
+    epochs: int = 1
+    """Epochs over the training data."""
+    lr: float = 5e-4
+    """Adam learning rate (the paper: 5e-4 for ResNet-34 on CIFAR)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay; 0 is plain Adam."""
+    schedule: Schedule = "constant"
+    """``constant`` or ``cosine`` decay after the warm-up."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up."""
+    kd_weight: float = 0.0
+    """Weight of logit distillation from the teacher mixed into the task loss (0 = task loss only)."""
+    temperature: float = 2.0
+    """Softmax temperature of the logit distillation."""
+
+
+class RunDirError(RuntimeError):
+    """A run directory that belongs to another config, or holds a checkpoint that cannot be used."""
+
+
+def compress(
+    teacher: str,
+    data: LightningDataModule,
+    plan: TensorizePlan,
+    task: Task,
+    method: Method = "slicewise",
+    slicewise: SliceSettings = SliceSettings(),  # noqa: B008 - a frozen-by-convention default, never mutated
+    finetune: FinetuneSettings = FinetuneSettings(),  # noqa: B008
+    teacher_weights: Path | None = None,
+    run_dir: Path = Path("runs/compress"),
+    seed: int = 0,
+    accelerator: str = "auto",
+    precision: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compress a teacher by a plan and recover it slice-wise, globally, or both (hybrid); resumable.
+
+    Args:
+        teacher: The dense model: a built-in name, a torchvision name, or a Hugging Face name / directory.
+        data: The DataModule (``class_path`` + ``init_args``) whose train split trains and test split evaluates.
+        plan: The tensorization plan.
+        task: ``classification`` (top-1 accuracy) or ``causal_lm`` (perplexity).
+        method: ``slicewise`` (the paper's method), ``global`` (the baseline) or ``hybrid`` (the first, then the
+            second).
+        slicewise: Slice-wise distillation settings.
+        finetune: Global finetuning settings.
+        teacher_weights: The teacher's weights: a safetensors file or a Lightning checkpoint from ``tnlit fit``.
+        run_dir: Where the run lives; rerunning with the same config resumes it.
+        seed: Seed of everything (data order, initialisation of nothing else: the factors come from SVDs).
+        accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
+        precision: Lightning precision (``bf16-mixed`` on GPUs); None is float32.
+        overwrite: Start afresh in a run directory that holds another config's run.
+        progress: Show Lightning's progress bars.
+    """
+    run_dir = Path(run_dir)
+    config = _plain(locals())
+    state = _open_run_dir(run_dir, config, overwrite)
+    seed_everything(seed, workers=True)
+
+    model = load_teacher(teacher, teacher_weights).eval()
+    student, report = tensorize(model, plan)
+    report.to_csv(run_dir / "report.csv")
+    report.to_json(run_dir / "report.json")
+    slices = make_slices(student, slicewise.granularity, slicewise.block_pattern)
+    data.prepare_data()
+    data.setup("fit")
+    trainer_args = {"accelerator": accelerator, "precision": precision, "progress": progress, "seed": seed}
+
+    if "teacher_metric" not in state:
+        state["teacher_metric"] = _evaluate(model, data, task, accelerator)
+        state["compression"] = {"params_before": report.params_before, "params_after": report.params_after,
+                                "compression_rate": report.compression_rate}  # fmt: skip
+        _save_state(run_dir, state)
+    if "init_metric" not in state:
+        state["init_metric"] = _evaluate(student, data, task, accelerator)
+        _save_state(run_dir, state)
+
+    if method in ("slicewise", "hybrid"):
+        groups = [slices] if slicewise.mode == "stream" else [[s] for s in slices]
+        for group in groups:
+            phase = "slicewise" if slicewise.mode == "stream" else f"slice:{group[0].name}"
+            if _load_slices(run_dir, student, group):
+                continue
+            module = SliceDistillation(
+                model, student, group, lr=slicewise.lr, weight_decay=slicewise.weight_decay,
+                schedule=slicewise.schedule, warmup_steps=slicewise.warmup_steps, inputs=slicewise.inputs,
+            )  # fmt: skip
+            _fit(module, data, run_dir, state, phase, slicewise.epochs, **trainer_args)
+            _save_slices(run_dir, student, group)
+        state.setdefault("metrics", {})
+        if "slicewise" not in state["metrics"]:
+            state["metrics"]["slicewise"] = _evaluate(student, data, task, accelerator)
+            _save_state(run_dir, state)
+
+    if method in ("global", "hybrid"):
+        done = run_dir / "global.safetensors"
+        if done.exists():
+            _load_factors(student, done)
+        else:
+            module = GlobalFinetune(
+                student, task=task, teacher=model if finetune.kd_weight else None, lr=finetune.lr,
+                weight_decay=finetune.weight_decay, schedule=finetune.schedule, warmup_steps=finetune.warmup_steps,
+                kd_weight=finetune.kd_weight, temperature=finetune.temperature,
+            )  # fmt: skip
+            _fit(module, data, run_dir, state, "global", finetune.epochs, **trainer_args)
+            _atomic_save(_factor_state(student), done)
+        state.setdefault("metrics", {})
+        if "global" not in state["metrics"]:
+            state["metrics"]["global"] = _evaluate(student, data, task, accelerator)
+            _save_state(run_dir, state)
+
+    _atomic_save({k: v.contiguous() for k, v in student.state_dict().items()}, run_dir / "student.safetensors")
+    state["done"] = True
+    state["final_metric"] = state["metrics"][method if method != "hybrid" else "global"]
+    _save_state(run_dir, state)
+    return state
+
+
+def load_teacher(name: str, weights: Path | None = None) -> nn.Module:
+    """A teacher by name, with its weights from a safetensors file or a ``tnlit fit`` checkpoint when given."""
+    from tnlit.models import load_model
+
+    model = load_model(name)
+    if weights is None:
+        return model
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"teacher weights {weights} do not exist: train the teacher first (tnlit fit)")
+    if weights.suffix == ".safetensors":
+        state = load_file(weights)
+    else:
+        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+        state = ckpt.get("state_dict", ckpt)
+        # A LightningModule keeps the network under one attribute ("model."): strip it.
+        prefixes = {k.split(".", 1)[0] for k in state}
+        if len(prefixes) == 1:
+            state = {k.split(".", 1)[1]: v for k, v in state.items()}
+    model.load_state_dict(state)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ run dir
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """The config as JSON-able data: dataclasses as dicts, the DataModule as class path + hyper-parameters."""
+    out = {}
+    for key, value in values.items():
+        if key == "progress":
+            continue
+        if isinstance(value, LightningDataModule):
+            cls = type(value)
+            value = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(value.hparams)}
+        elif hasattr(value, "__dataclass_fields__"):
+            value = asdict(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        out[key] = value
+    return json.loads(json.dumps(out, default=str))
+
+
+def _open_run_dir(run_dir: Path, config: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """The run's state: fresh, or resumed when the directory holds a run of the same config."""
+    saved = run_dir / "config.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        if old != config and not overwrite:
+            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise RunDirError(
+                f"{run_dir} holds a run of another config (differs in: {', '.join(changed)}); give another run_dir, "
+                "or overwrite=true to discard that run"
+            )
+        if old != config:
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not saved.exists():
+        _atomic_text(json.dumps(config, indent=2) + "\n", saved)
+    state_file = run_dir / "state.json"
+    return json.loads(state_file.read_text()) if state_file.exists() else {"config_hash": _hash(config)}
+
+
+def _hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
+    _atomic_text(json.dumps(state, indent=2) + "\n", run_dir / "state.json")
+
+
+def _atomic_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    tmp.replace(path)
+
+
+def _factor_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    from tnlit.methods.common import factor_parameters
+
+    ids = {id(p) for p in factor_parameters([module])}
+    return {prefix + n: p for n, p in module.named_parameters() if id(p) in ids}
+
+
+def _slice_file(run_dir: Path, s: Slice) -> Path:
+    return run_dir / "slices" / f"{s.name}.safetensors"
+
+
+def _save_slices(run_dir: Path, student: nn.Module, group: list[Slice]) -> None:
+    for s in group:
+        _atomic_save(_factor_state(SliceModule(student, s)), _slice_file(run_dir, s))
+
+
+def _load_slices(run_dir: Path, student: nn.Module, group: list[Slice]) -> bool:
+    """Load the group's finished slices; False (and nothing loaded) unless all of them are finished and sound."""
+    files = [_slice_file(run_dir, s) for s in group]
+    if not all(f.exists() for f in files):
+        return False
+    try:
+        states = [load_file(f) for f in files]
+        for s, state in zip(group, states):
+            SliceModule(student, s).load_state_dict(state, strict=False)
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        warnings.warn(
+            f"finished slice files {[str(f) for f in files]} are unreadable ({err}); training again", stacklevel=2
+        )
+        return False
+    return True
+
+
+def _load_factors(student: nn.Module, path: Path) -> None:
+    missing = set(_factor_state(student)) - set(state := load_file(path))
+    if missing:
+        raise RunDirError(f"{path} lacks {len(missing)} factor tensors of this student: delete it to retrain")
+    student.load_state_dict(state, strict=False)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class _OptimisationTimer(Callback):
+    """Seconds spent in training batches (forward, backward, optimizer step), as the paper counts time."""
+
+    def __init__(self, state: dict[str, Any], phase: str, run_dir: Path) -> None:
+        self.state, self.phase, self.run_dir = state, phase, run_dir
+        self.times = state.setdefault("times", {}).setdefault(phase, {"optimisation_s": 0.0, "wall_s": 0.0})
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        self._sync(trainer)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self._sync(trainer)
+        self.times["optimisation_s"] += time.perf_counter() - self._start
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _save_state(self.run_dir, self.state)
+
+    @staticmethod
+    def _sync(trainer: Trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+
+
+def _fit(
+    module: LightningModule, data: LightningDataModule, run_dir: Path, state: dict[str, Any], phase: str, epochs: int,
+    *, accelerator: str, precision: str | None, progress: bool, seed: int,
+) -> None:  # fmt: skip
+    """Train one phase, resuming from its last epoch checkpoint when there is one."""
+    seed_everything(seed, workers=True)  # the same data order in every phase and mode
+    ckpt_dir = run_dir / "ckpt" / phase.replace(":", "_")
+    last = ckpt_dir / "last.ckpt"
+    timer = _OptimisationTimer(state, phase, run_dir)
+    trainer = Trainer(
+        max_epochs=epochs, accelerator=accelerator, precision=precision, devices=1,
+        logger=CSVLogger(run_dir / "logs", name=phase.replace(":", "_"), version=0),
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0), timer],
+        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+        trainer.fit(module, datamodule=data, ckpt_path=_usable_checkpoint(last), weights_only=True)
+    timer.times["wall_s"] += time.perf_counter() - started
+    _save_state(run_dir, state)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _usable_checkpoint(path: Path) -> Path | None:
+    """The checkpoint to resume from, or None; a damaged one is said and set aside, never used."""
+    if not path.exists():
+        return None
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a truncated or corrupt file raises many types
+        warnings.warn(
+            f"checkpoint {path} is unreadable ({err}); this phase starts again from its beginning", stacklevel=2
+        )
+        path.rename(path.with_name(path.name + ".corrupt"))
+        return None
+    return path
+
+
+def _evaluate(model: nn.Module, data: LightningDataModule, task: Task, accelerator: str) -> dict[str, float]:
+    from tnlit.evaluate import accuracy, perplexity
+
+    device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+    model.to(device)
+    data.setup("test")
+    loader = data.test_dataloader()
+    if task == "classification":
+        return {"top1": accuracy(model, loader, device=device)}
+    return {"perplexity": perplexity(model, loader, device=device)}
