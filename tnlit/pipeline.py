@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from tnlit.methods.common import Schedule
@@ -186,7 +186,10 @@ def compress(
             state["metrics"]["global"] = _evaluate(student, data, task, accelerator)
             _save_state(run_dir, state)
 
-    _atomic_save({k: v.contiguous() for k, v in student.state_dict().items()}, run_dir / "student.safetensors")
+    # save_model, not save_file: it keeps one copy of tied weights (an LM's embedding and head).
+    tmp = run_dir / "student.safetensors.tmp"
+    save_model(student, str(tmp))
+    tmp.replace(run_dir / "student.safetensors")
     state["done"] = True
     state["final_metric"] = state["metrics"][method if method != "hybrid" else "global"]
     _save_state(run_dir, state)
@@ -356,7 +359,7 @@ def _fit(
     trainer = Trainer(
         max_epochs=epochs, accelerator=accelerator, precision=precision, devices=1,
         logger=CSVLogger(run_dir / "logs", name=phase.replace(":", "_"), version=0),
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0), timer],
+        callbacks=[_epoch_checkpoint(ckpt_dir), timer],
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
     started = time.perf_counter()
@@ -366,6 +369,14 @@ def _fit(
     timer.times["wall_s"] += time.perf_counter() - started
     _save_state(run_dir, state)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _epoch_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
+    """``last.ckpt``, replaced at the end of every epoch (Lightning writes it atomically)."""
+    return ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", save_top_k=1, monitor=None, save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )  # fmt: skip
 
 
 def _usable_checkpoint(path: Path) -> Path | None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from tnlit.layers.base import TensorizedLayer
 
-__all__ = ["FactorCheckpoints", "Schedule", "configure_adam", "factor_parameters"]
+__all__ = ["FactorTraining", "Schedule", "configure_adam", "factor_parameters"]
 
 Schedule = Literal["constant", "cosine"]
 
@@ -53,13 +53,31 @@ def configure_adam(
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class FactorCheckpoints:
-    """LightningModule mixin: checkpoints hold what trains (``self.trainable``), not the frozen teacher and
-    student, so an epoch checkpoint of GPT-2 XL's slices weighs the factors and their optimizer state only."""
+class FactorTraining:
+    """LightningModule mixin of the compression methods: train the given factors only, with Adam(W) and the
+    schedule in ``hparams`` (lr, weight_decay, schedule, warmup_steps). Checkpoints hold what trains, not the
+    frozen teacher and student, so an epoch checkpoint of GPT-2 XL's slices weighs the factors and their
+    optimizer state only."""
 
     trainable: list[nn.Parameter]
+
+    def train_only(self, params: list[nn.Parameter], what: str) -> None:
+        """Make ``params`` (and nothing the caller froze) trainable; ``what`` names them in the error if empty."""
+        if not params:
+            raise ValueError(f"{what} hold(s) no tensorized layer to train")
+        for p in params:
+            p.requires_grad_(True)
+        self.trainable = params
+        self.strict_loading = False  # checkpoints hold the trainable tensors only
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = {id(p) for p in self.trainable}
         names = {name for name, p in self.named_parameters() if id(p) in keep}  # type: ignore[attr-defined]
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+
+    def configure_optimizers(self) -> dict:
+        h = self.hparams  # type: ignore[attr-defined]
+        return configure_adam(
+            self.trainable, lr=h.lr, weight_decay=h.weight_decay, schedule=h.schedule, warmup_steps=h.warmup_steps,
+            total_steps=int(self.trainer.estimated_stepping_batches),  # type: ignore[attr-defined]
+        )  # fmt: skip

@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from tnlit.activations import batch_input
-from tnlit.methods.common import FactorCheckpoints, Schedule, configure_adam, factor_parameters
+from tnlit.methods.common import FactorTraining, Schedule, factor_parameters
 
 __all__ = ["GlobalFinetune", "logits_of", "task_loss"]
 
@@ -35,7 +35,7 @@ def task_loss(task: Task, logits: torch.Tensor, batch: Any) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-class GlobalFinetune(FactorCheckpoints, LightningModule):
+class GlobalFinetune(FactorTraining, LightningModule):
     """Finetune a tensorized student end to end with the task loss (and optionally the teacher's logits)."""
 
     def __init__(
@@ -71,12 +71,7 @@ class GlobalFinetune(FactorCheckpoints, LightningModule):
         self.save_hyperparameters(ignore=["teacher", "student"])
         self.student = student.requires_grad_(False)
         self.teacher = None if teacher is None else teacher.requires_grad_(False)
-        self.trainable = factor_parameters([student])
-        if not self.trainable:
-            raise ValueError("the student has no tensorized layer to train")
-        for p in self.trainable:
-            p.requires_grad_(True)
-        self.strict_loading = False  # checkpoints hold the trainable tensors only
+        self.train_only(factor_parameters([student]), "the student")
 
     def train(self, mode: bool = True) -> GlobalFinetune:
         # The dense parts are frozen: BatchNorm keeps the teacher's statistics, dropout stays off.
@@ -110,13 +105,3 @@ class GlobalFinetune(FactorCheckpoints, LightningModule):
         self.log("val/loss", loss, prog_bar=True)
         if self.hparams.task == "classification":
             self.log("val/acc", (logits.argmax(-1) == batch[1]).float().mean() * 100, prog_bar=True)
-
-    def configure_optimizers(self) -> dict:
-        return configure_adam(
-            self.trainable,
-            lr=self.hparams.lr,
-            weight_decay=self.hparams.weight_decay,
-            schedule=self.hparams.schedule,
-            warmup_steps=self.hparams.warmup_steps,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-        )

@@ -17,13 +17,13 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from tnlit.activations import batch_input, capture, capture_student
-from tnlit.methods.common import FactorCheckpoints, Schedule, configure_adam, factor_parameters
+from tnlit.methods.common import FactorTraining, Schedule, factor_parameters
 from tnlit.slices import Slice, SliceModule
 
 __all__ = ["SliceDistillation"]
 
 
-class SliceDistillation(FactorCheckpoints, LightningModule):
+class SliceDistillation(FactorTraining, LightningModule):
     """Train the given slices of a student on the teacher's activations (MSE); only their factors train."""
 
     def __init__(
@@ -59,12 +59,7 @@ class SliceDistillation(FactorCheckpoints, LightningModule):
         self.slices = list(slices)
         # Plain dict: the parts share the student's modules, which must not be registered twice.
         self.parts = {s.name: SliceModule(student, s) for s in self.slices}
-        self.trainable = factor_parameters(self.parts.values())
-        if not self.trainable:
-            raise ValueError(f"slices {[s.name for s in self.slices]} hold no tensorized layer to train")
-        for p in self.trainable:
-            p.requires_grad_(True)
-        self.strict_loading = False  # checkpoints hold the trainable tensors only
+        self.train_only(factor_parameters(self.parts.values()), f"slices {[s.name for s in self.slices]}")
 
     def train(self, mode: bool = True) -> SliceDistillation:
         # Everything outside the factors is frozen, BatchNorm statistics and dropout included.
@@ -103,13 +98,3 @@ class SliceDistillation(FactorCheckpoints, LightningModule):
         for name, value in losses.items():
             self.log(f"val/mse/{name}", value)
         self.log("val/mse", torch.stack(list(losses.values())).mean(), prog_bar=True)
-
-    def configure_optimizers(self) -> dict:
-        return configure_adam(
-            self.trainable,
-            lr=self.hparams.lr,
-            weight_decay=self.hparams.weight_decay,
-            schedule=self.hparams.schedule,
-            warmup_steps=self.hparams.warmup_steps,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-        )

@@ -1,0 +1,123 @@
+"""compress(): the run directory, resuming after a crash, refusing another config, damaged checkpoints."""
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from tnlit import Rule, TensorizePlan
+from tnlit.methods.slice_distill import SliceDistillation
+from tnlit.pipeline import FinetuneSettings, RunDirError, SliceSettings, compress
+
+PLAN = TensorizePlan([Rule(r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", "mpo", cr=0.5)])
+
+
+class TokenData(LightningDataModule):
+    """Made token sequences in a fixed order (no shuffling), so that runs can be compared weight for weight."""
+
+    def __init__(self, n: int = 32, seq_len: int = 16, batch_size: int = 8) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.tokens = torch.randint(0, 512, (self.hparams.n, self.hparams.seq_len), generator=g)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.tokens, batch_size=self.hparams.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.tokens[:8], batch_size=8)
+
+
+def run(run_dir, **overrides):
+    kwargs = dict(
+        teacher="tiny-gpt2", data=TokenData(), plan=PLAN, task="causal_lm", run_dir=run_dir, accelerator="cpu",
+        progress=False, slicewise=SliceSettings(mode="serial", epochs=2, lr=1e-2),
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return compress(**kwargs)
+
+
+def weights(run_dir):
+    return load_file(run_dir / "student.safetensors")
+
+
+def test_run_directory_holds_everything(tmp_path):
+    state = run(tmp_path / "run")
+    files = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    for name in ("config.json", "state.json", "report.csv", "report.json", "student.safetensors",
+                 "slices/transformer.h.0.mlp.safetensors", "slices/transformer.h.1.mlp.safetensors"):  # fmt: skip
+        assert name in files
+    assert not any(f.startswith("ckpt/") for f in files), "finished phases leave no epoch checkpoints behind"
+    assert state["done"] and state["metrics"]["slicewise"]["perplexity"] > 1
+    assert set(state["times"]) == {"slice:transformer.h.0.mlp", "slice:transformer.h.1.mlp"}
+    assert all(t["optimisation_s"] > 0 and t["wall_s"] >= t["optimisation_s"] for t in state["times"].values())
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["done"]
+
+
+def test_finished_run_does_no_training_when_rerun(tmp_path, monkeypatch):
+    first = run(tmp_path / "run")
+    monkeypatch.setattr("lightning.pytorch.Trainer.fit", lambda *a, **k: pytest.fail("a finished run trained"))
+    again = run(tmp_path / "run")
+    assert again["metrics"] == first["metrics"]
+
+
+def test_stream_and_serial_runs_agree(tmp_path):
+    run(tmp_path / "serial")
+    run(tmp_path / "stream", slicewise=SliceSettings(mode="stream", epochs=2, lr=1e-2))
+    a, b = weights(tmp_path / "serial"), weights(tmp_path / "stream")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_crash_in_a_slice_resumes_to_the_same_result(tmp_path, monkeypatch):
+    run(tmp_path / "clean")
+    step = SliceDistillation.training_step
+    calls = {"n": 0}
+
+    def crash_in_second_epoch_of_second_slice(self, batch, batch_idx):
+        if self.slices[0].name == "transformer.h.1.mlp":
+            calls["n"] += 1
+            if calls["n"] == 6:  # 4 batches an epoch: the 2nd batch of epoch 2, after epoch 1's checkpoint
+                raise RuntimeError("simulated crash")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SliceDistillation, "training_step", crash_in_second_epoch_of_second_slice)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "crashed")
+    assert (tmp_path / "crashed/slices/transformer.h.0.mlp.safetensors").exists()
+    assert (tmp_path / "crashed/ckpt/slice_transformer.h.1.mlp/last.ckpt").exists()
+    monkeypatch.setattr(SliceDistillation, "training_step", step)
+    state = run(tmp_path / "crashed")
+    assert state["done"]
+    a, b = weights(tmp_path / "clean"), weights(tmp_path / "crashed")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_damaged_checkpoint_is_said_and_not_used(tmp_path):
+    run(tmp_path / "clean")
+    ckpt = tmp_path / "run/ckpt/slice_transformer.h.0.mlp/last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a checkpoint")  # as a kill during a write would leave it
+    with pytest.warns(UserWarning, match="unreadable"):
+        run(tmp_path / "run")
+    a, b = weights(tmp_path / "clean"), weights(tmp_path / "run")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_another_config_in_the_same_run_dir_is_refused(tmp_path):
+    run(tmp_path / "run")
+    with pytest.raises(RunDirError, match="differs in: slicewise"):
+        run(tmp_path / "run", slicewise=SliceSettings(mode="serial", epochs=3, lr=1e-2))
+    state = run(tmp_path / "run", slicewise=SliceSettings(mode="serial", epochs=1, lr=1e-2), overwrite=True)
+    assert state["done"]
+
+
+@pytest.mark.parametrize("method", ["global", "hybrid"])
+def test_global_and_hybrid(tmp_path, method):
+    state = run(tmp_path / method, method=method, finetune=FinetuneSettings(epochs=1, lr=1e-3, kd_weight=0.5))
+    assert "global" in state["metrics"] and state["final_metric"] == state["metrics"]["global"]
+    assert ("slicewise" in state["metrics"]) == (method == "hybrid")
