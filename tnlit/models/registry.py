@@ -99,3 +99,31 @@ def _load_hf(name: str, *, meta: bool) -> nn.Module:
             f"could not be loaded by Hugging Face ({type(err).__name__}: {err}). Give a local directory saved with "
             "save_pretrained(), or a hub name that is cached or reachable (HF_HUB_OFFLINE=1 forbids downloads)."
         ) from err
+
+
+# The embedded quickstart's teachers (offline data: tnlit.data.offline).
+
+
+@register_model("cifar-resnet34")
+def cifar_resnet34() -> nn.Module:
+    """The CIFAR ResNet-34 (3x3 stem, no max-pool, widths 64..512, 10 classes, 21.3M parameters)."""
+    from tnlit.models import resnet
+
+    return resnet.cifar_resnet34(num_classes=10, width=64)
+
+
+@register_model("cifar-resnet34-w16")
+def cifar_resnet34_w16() -> nn.Module:
+    """The CIFAR ResNet-34 topology at a quarter of the width (16..128, 1.3M parameters): the quickstart's teacher."""
+    from tnlit.models import resnet
+
+    return resnet.cifar_resnet34(num_classes=10, width=16)
+
+
+@register_model("tiny-gpt2-bytes")
+def tiny_gpt2_bytes() -> nn.Module:
+    """A 4-layer byte-level GPT-2 (width 128, vocabulary 256, context 256): the quickstart's language teacher.
+
+    Token 10 (newline) is its bos / eos token, so it needs no special tokens beyond the 256 byte values.
+    """
+    return _gpt2(n_embd=128, n_layer=4, n_head=4, n_positions=256, vocab_size=256, bos_token_id=10, eos_token_id=10)
