@@ -1,0 +1,87 @@
+"""Evaluation of teachers and students: top-1 accuracy for classifiers, token-level perplexity for causal LMs.
+
+Both leave the model as they found it: they switch it to eval mode for the pass (BatchNorm statistics, dropout)
+and restore every submodule's own mode afterwards, so a model with frozen parts is not unfrozen by evaluating it.
+
+They are written out rather than taken from torchmetrics: ``Perplexity`` there takes the log of a softmax
+(float32 underflow turns a confident wrong prediction into ``inf``) where ``cross_entropy`` works in log space,
+and the accuracy count is two lines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["accuracy", "perplexity"]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for the block; each submodule's previous mode is restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def accuracy(model: nn.Module, dataloader: Iterable[Any], device: torch.device | str | None = None) -> float:
+    """Top-1 accuracy in percent of a classifier over batches of ``(images, labels)``.
+
+    Args:
+        model: Maps a batch of inputs to logits (batch, classes).
+        dataloader: Yields ``(inputs, labels)`` pairs.
+        device: Where the batches are sent; the model must already be there. Defaults to the model's device.
+    """
+    device = torch.device(device) if device is not None else _device_of(model)
+    correct = total = 0
+    with _eval_mode(model):
+        for inputs, labels in dataloader:
+            logits = model(inputs.to(device))
+            correct += (logits.argmax(dim=-1) == labels.to(device)).sum().item()
+            total += labels.numel()
+    if total == 0:
+        raise ValueError("accuracy over an empty dataloader")
+    return 100.0 * correct / total
+
+
+def perplexity(model: nn.Module, dataloader: Iterable[Any], device: torch.device | str | None = None) -> float:
+    """Token-level perplexity of a causal LM: exp(total next-token NLL / number of predicted tokens).
+
+    Every sequence of length T contributes its T - 1 predictions (token t+1 from tokens up to t), so the result
+    is exact however the tokens are batched, and matches HF's ``labels=input_ids`` loss on equal-length batches.
+
+    Args:
+        model: A causal LM called as ``model(input_ids)``, returning an object with ``.logits`` (HF) or the logits.
+        dataloader: Yields LongTensors (batch, seq_len) of token ids, or mappings with an ``input_ids`` entry.
+        device: Where the batches are sent; the model must already be there. Defaults to the model's device.
+    """
+    device = torch.device(device) if device is not None else _device_of(model)
+    total_nll, count = 0.0, 0
+    with _eval_mode(model):
+        for batch in dataloader:
+            ids = (batch["input_ids"] if isinstance(batch, Mapping) else batch).to(device)
+            output = model(ids)
+            logits: Tensor = output.logits if hasattr(output, "logits") else output
+            # float32 for the log-softmax: half-precision logits lose the small probabilities.
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+            total_nll += nll.item()
+            count += ids[:, 1:].numel()
+    if count == 0:
+        raise ValueError("perplexity needs sequences of at least 2 tokens")
+    return math.exp(total_nll / count)
