@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 
 from tnlit.layers.base import TensorizedLayer
 
-__all__ = ["FactorTraining", "Schedule", "configure_adam", "factor_parameters"]
+__all__ = ["FactorTraining", "Schedule", "configure_adam", "factor_parameters", "warmup_schedule"]
 
 Schedule = Literal["constant", "cosine"]
 
@@ -25,6 +25,20 @@ def factor_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
                 for p in m.factors():
                     seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+def warmup_schedule(warmup_steps: int, total_steps: int, schedule: Schedule = "cosine") -> Callable[[int], float]:
+    """Learning-rate factor per optimizer step: linear warm-up to 1, then constant or a cosine down to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def configure_adam(
@@ -41,15 +55,7 @@ def configure_adam(
         torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay else torch.optim.Adam(params, lr=lr)
     )
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(warmup_steps, total_steps, schedule))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -8,7 +8,6 @@ Models come by name from ``tnlit.models.load_model``, so the registry stays the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,8 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from tnlit.methods.common import warmup_schedule
 
 __all__ = ["CausalLM", "ImageClassifier"]
 
@@ -26,18 +27,6 @@ def _resolve(model: str | nn.Module) -> nn.Module:
     from tnlit.models import load_model
 
     return load_model(model)
-
-
-def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor per optimizer step: linear from 1/warmup to 1, then a cosine down to 0 at the end."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class ImageClassifier(LightningModule):
@@ -103,7 +92,7 @@ class ImageClassifier(LightningModule):
         if not math.isfinite(total):  # no max_epochs, no max_steps: the schedule's own length
             total = hp.max_epochs_for_schedule * self.trainer.num_training_batches
             total //= self.trainer.accumulate_grad_batches
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(0, int(total)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(0, int(total)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -167,5 +156,5 @@ class CausalLM(LightningModule):
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("CausalLM's schedule needs a finite run: set trainer max_epochs or max_steps")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(hp.warmup_steps, int(total)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(hp.warmup_steps, int(total)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
