@@ -1,5 +1,6 @@
 """Teachers: the CIFAR ResNet-34, the built-in quickstart models, evaluation, and the teacher LightningModules."""
 
+import itertools
 import math
 import re
 from types import SimpleNamespace
@@ -130,10 +131,10 @@ class _TrainLosses(Callback):
         self.losses.append(outputs["loss"].item())
 
 
-def _trainer(epochs: int, *callbacks: Callback) -> Trainer:
+def _trainer(epochs: int, callbacks: tuple[Callback, ...] = (), **options) -> Trainer:
     return Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks), **options,
     )  # fmt: skip
 
 
@@ -141,7 +142,7 @@ def test_image_classifier_learns_digits():
     data = DigitsDataModule(batch_size=32, image_size=8, train_size=256)
     module = ImageClassifier(cifar_resnet34(width=8), lr=0.05)
     record = _TrainLosses()
-    trainer = _trainer(2, record)
+    trainer = _trainer(2, (record,))
     trainer.fit(module, data)
     assert len(record.losses) == 16
     first, last = record.losses[:3], record.losses[-8:]
@@ -168,8 +169,8 @@ def test_causal_lm_learns_bytes_and_logs_token_perplexity():
     data = PydocTextDataModule(seq_len=32, batch_size=16, train_sequences=320)
     data.setup()
     module = CausalLM(GPT2LMHeadModel(config), lr=1e-2, warmup_steps=5)
-    before = perplexity(module.model, data.val_dataloader())
-    trainer = _trainer(2)
+    before = perplexity(module.model, itertools.islice(data.val_dataloader(), 4))
+    trainer = _trainer(2, check_val_every_n_epoch=2)  # one validation pass, at the end
     trainer.fit(module, data)
     after = perplexity(module.model, data.val_dataloader())
     assert before > 150 and after < before / 4  # random guessing over 256 bytes, then the byte statistics

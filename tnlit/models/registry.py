@@ -124,6 +124,11 @@ def cifar_resnet34_w16() -> nn.Module:
 def tiny_gpt2_bytes() -> nn.Module:
     """A 4-layer byte-level GPT-2 (width 128, vocabulary 256, context 256): the quickstart's language teacher.
 
-    Token 10 (newline) is its bos / eos token, so it needs no special tokens beyond the 256 byte values.
+    Token 10 (newline) is its bos / eos token, so it needs no special tokens beyond the 256 byte values. No dropout:
+    it is trained for minutes, far from overfitting, and dropout only slows that down (measured: val perplexity
+    9.1 with GPT-2's 0.1 against 8.5 without, after 300 steps).
     """
-    return _gpt2(n_embd=128, n_layer=4, n_head=4, n_positions=256, vocab_size=256, bos_token_id=10, eos_token_id=10)
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    return _gpt2(
+        n_embd=128, n_layer=4, n_head=4, n_positions=256, vocab_size=256, bos_token_id=10, eos_token_id=10, **no_dropout
+    )
