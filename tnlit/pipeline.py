@@ -138,7 +138,8 @@ def compress(
     student, report = tensorize(model, plan)
     report.to_csv(run_dir / "report.csv")
     report.to_json(run_dir / "report.json")
-    slices = make_slices(student, slicewise.granularity, slicewise.block_pattern)
+    # Before any training: a granularity that does not fit the model fails here, in seconds.
+    slices = make_slices(student, slicewise.granularity, slicewise.block_pattern) if method != "global" else []
     data.prepare_data()
     data.setup("fit")
     trainer_args = {"accelerator": accelerator, "precision": precision, "progress": progress, "seed": seed}
