@@ -30,7 +30,6 @@ import functools
 import gc
 import io
 import math
-import os
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnlit.atomic import atomic_text
 from tnlit.formats.ranks import balanced_factors, lowrank_rank_for_cr, mpo_bond_dims, tucker2_ranks
 from tnlit.layers import LowRankLinear, MPOLinear, TensorizedLayer, TuckerConv2d
 from tnlit.provenance import write_provenance
@@ -528,14 +528,6 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a reader (or a killed run) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def csv_cell(value: Any) -> Any:
     """Floats to 6 significant digits; a skipped measurement (NaN) as an empty cell."""
     if isinstance(value, float):
@@ -598,8 +590,8 @@ def markdown_text(rows: Sequence[dict[str, Any]], args: argparse.Namespace, elap
 def write_tables(rows: Sequence[dict[str, Any]], args: argparse.Namespace, elapsed_s: float, done: bool) -> None:
     """(Re)write the CSV and the Markdown in ``--out``."""
     out = Path(args.out)
-    write_atomic(out / "bench_layers.csv", csv_text(rows))
-    write_atomic(out / "bench_layers.md", markdown_text(rows, args, elapsed_s, done))
+    atomic_text(out / "bench_layers.csv", csv_text(rows))
+    atomic_text(out / "bench_layers.md", markdown_text(rows, args, elapsed_s, done))
 
 
 # ----------------------------------------------------------------------------------------------- main

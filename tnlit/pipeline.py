@@ -18,7 +18,6 @@ interrupted restarts from its last epoch checkpoint; a finished run only reports
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -34,6 +33,7 @@ from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
+from tnlit.atomic import atomic_path, atomic_text
 from tnlit.methods.common import Schedule
 from tnlit.methods.global_finetune import GlobalFinetune
 from tnlit.methods.slice_distill import SliceDistillation
@@ -188,9 +188,8 @@ def compress(
             _save_state(run_dir, state)
 
     # save_model, not save_file: it keeps one copy of tied weights (an LM's embedding and head).
-    tmp = run_dir / "student.safetensors.tmp"
-    save_model(student, str(tmp))
-    tmp.replace(run_dir / "student.safetensors")
+    with atomic_path(run_dir / "student.safetensors") as tmp:
+        save_model(student, str(tmp))
     state["done"] = True
     state["final_metric"] = state["metrics"][method if method != "hybrid" else "global"]
     _save_state(run_dir, state)
@@ -255,37 +254,25 @@ def _open_run_dir(run_dir: Path, config: dict[str, Any], overwrite: bool) -> dic
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not saved.exists():
-        _atomic_text(json.dumps(config, indent=2) + "\n", saved)
+        atomic_text(saved, json.dumps(config, indent=2) + "\n")
     state_file = run_dir / "state.json"
-    return json.loads(state_file.read_text()) if state_file.exists() else {"config_hash": _hash(config)}
-
-
-def _hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return json.loads(state_file.read_text()) if state_file.exists() else {}
 
 
 def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
-    _atomic_text(json.dumps(state, indent=2) + "\n", run_dir / "state.json")
-
-
-def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_text(run_dir / "state.json", json.dumps(state, indent=2) + "\n")
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
 
 
-def _factor_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+def _factor_state(module: nn.Module) -> dict[str, torch.Tensor]:
     from tnlit.methods.common import factor_parameters
 
     ids = {id(p) for p in factor_parameters([module])}
-    return {prefix + n: p for n, p in module.named_parameters() if id(p) in ids}
+    return {n: p for n, p in module.named_parameters() if id(p) in ids}
 
 
 def _slice_file(run_dir: Path, s: Slice) -> Path:

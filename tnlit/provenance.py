@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from tnlit.atomic import atomic_text
+
 __all__ = ["provenance", "write_provenance"]
 
 _PACKAGES = ("tnlit", "torch", "torchvision", "lightning", "transformers", "tensorly", "tensorly-torch", "opt_einsum")
@@ -55,10 +57,6 @@ def provenance(config: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def write_provenance(path: str | Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write :func:`provenance` as JSON to ``path`` (atomically) and return it."""
-    path = Path(path)
     info = provenance(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_text(path, json.dumps(info, indent=2) + "\n")
     return info

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tnlit.atomic import atomic_path, atomic_text
 from tnlit.formats.ranks import (
     RankError,
     balanced_factors,
@@ -159,18 +160,14 @@ class CompressionReport:
         }
 
     def to_json(self, path: str | Path) -> None:
-        _atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def to_csv(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="") as fh:
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=_COLUMNS)
             writer.writeheader()
             for row in self.layers:
                 writer.writerow({k: _cell(v) for k, v in asdict(row).items()})
-        tmp.replace(path)
 
     def __str__(self) -> str:
         head = ["layer", "format", "shape", "site dims", "ranks", "params", "factors", "CR", "rel. error"]
@@ -352,10 +349,3 @@ def _cell(v: object) -> object:
     if isinstance(v, float) and not math.isfinite(v):
         return ""
     return v
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
