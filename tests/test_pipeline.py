@@ -50,12 +50,16 @@ def test_run_directory_holds_everything(tmp_path):
     state = run(tmp_path / "run")
     files = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     for name in ("config.json", "state.json", "report.csv", "report.json", "student.safetensors",
-                 "slices/transformer.h.0.mlp.safetensors", "slices/transformer.h.1.mlp.safetensors"):  # fmt: skip
+                 "slices/transformer.h.0.mlp.safetensors", "slices/transformer.h.1.mlp.safetensors",
+                 "cache/manifest.json", "cache/shard-000003.safetensors"):  # fmt: skip
         assert name in files
     assert not any(f.startswith("ckpt/") for f in files), "finished phases leave no epoch checkpoints behind"
     assert state["done"] and state["metrics"]["slicewise"]["perplexity"] > 1
-    assert set(state["times"]) == {"slice:transformer.h.0.mlp", "slice:transformer.h.1.mlp"}
-    assert all(t["optimisation_s"] > 0 and t["wall_s"] >= t["optimisation_s"] for t in state["times"].values())
+    times = dict(state["times"])
+    cache = times.pop("cache")  # serial slices read the activation store, built once
+    assert cache["wall_s"] > 0 and cache["optimisation_s"] == 0 and cache["shards_built"] == 4
+    assert set(times) == {"slice:transformer.h.0.mlp", "slice:transformer.h.1.mlp"}
+    assert all(t["optimisation_s"] > 0 and t["wall_s"] >= t["optimisation_s"] for t in times.values())
     assert json.loads((tmp_path / "run" / "state.json").read_text())["done"]
 
 
@@ -66,8 +70,9 @@ def test_finished_run_does_no_training_when_rerun(tmp_path, monkeypatch):
     assert again["metrics"] == first["metrics"]
 
 
-def test_stream_and_serial_runs_agree(tmp_path):
-    run(tmp_path / "serial")
+@pytest.mark.parametrize("source", [{"serial_source": "teacher"}, {"cache_shuffle": False}], ids=["teacher", "cache"])
+def test_stream_and_serial_runs_agree(tmp_path, source):
+    run(tmp_path / "serial", slicewise=SliceSettings(mode="serial", epochs=2, lr=1e-2, **source))
     run(tmp_path / "stream", slicewise=SliceSettings(mode="stream", epochs=2, lr=1e-2))
     a, b = weights(tmp_path / "serial"), weights(tmp_path / "stream")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

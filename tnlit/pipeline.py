@@ -9,11 +9,14 @@ run_dir/
   report.csv/.json   the compression report
   ckpt/<phase>/      Lightning's last.ckpt of the phase in progress (trainable tensors only)
   slices/<name>.safetensors   each finished slice's factors
+  cache/             the activation store of the cache and serial modes: manifest.json + one shard a batch
+                     (tnlit.activation_store); elsewhere when slicewise.cache_dir says so
   student.safetensors          the assembled student
 ```
 
 Rerunning the same command resumes: finished slices and phases are loaded, not retrained; a phase that was
-interrupted restarts from its last epoch checkpoint; a finished run only reports.
+interrupted restarts from its last epoch checkpoint; a finished activation store is reused (validated), an
+interrupted one completed; a finished run only reports.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
+from tnlit.activation_store import ActivationStore, StorageDtype, open_store
 from tnlit.atomic import atomic_path, atomic_text
+from tnlit.data.activations import ActivationDataModule
 from tnlit.methods.common import Schedule
 from tnlit.methods.global_finetune import GlobalFinetune
 from tnlit.methods.slice_distill import SliceDistillation
@@ -54,10 +59,26 @@ class SliceSettings:
     """``layer`` (each tensorized module), ``block`` (ResNet block, transformer MLP) or ``group:k``."""
     block_pattern: str | None = None
     """Regex naming the blocks; a preset (ResNet, GPT-2, LLaMA) is found when omitted."""
-    mode: Literal["stream", "serial"] = "stream"
-    """``stream``: one teacher forward per batch trains every slice; ``serial``: one slice after another."""
+    mode: Literal["stream", "cache", "serial"] = "stream"
+    """``stream``: one teacher forward per batch trains every slice (no disk); ``cache``: the teacher's activations
+    are stored on disk once (the activation store), then every slice trains from them at once, with no teacher
+    forward; ``serial``: one slice after another, from the store or the teacher (``serial_source``)."""
+    serial_source: Literal["cache", "teacher"] = "cache"
+    """Where ``serial`` mode's activations come from: ``cache``: the activation store, built once for all slices;
+    ``teacher``: a teacher forward on every batch of every slice (no disk; a teacher pass per slice and epoch)."""
+    cache_dir: Path | None = None
+    """The activation store's directory; None: ``<run_dir>/cache``. Runs with the same teacher weights, data
+    (DataModule, hyper-parameters, seed), slices and ``cache_dtype`` can share one, one run at a time; a store
+    that does not match is said and rebuilt, a damaged or missing shard recomputed."""
+    cache_dtype: StorageDtype = "float32"
+    """Storage dtype of the activation store: ``float32``, or ``bfloat16`` / ``float16`` for half the disk and
+    reading; read back as float32."""
+    cache_shuffle: bool = True
+    """Visit the stored batches in a new order every epoch (seeded by seed + epoch). The store holds the batches of
+    one pass over the data, whole: shuffling reorders batches, never the examples inside them. Off: stored order."""
     inputs: Literal["teacher", "student"] = "teacher"
-    """A slice's input: the teacher's activation (the paper) or the distilled earlier slices' output."""
+    """A slice's input: the teacher's activation (the paper) or the distilled earlier slices' output (``student``
+    needs live forwards: ``stream`` mode, or ``serial`` with ``serial_source: teacher``)."""
     epochs: int = 1
     """Epochs over the training data (per slice in serial mode)."""
     lr: float = 1e-3
@@ -68,6 +89,26 @@ class SliceSettings:
     """``constant`` or ``cosine`` decay after the warm-up."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up."""
+
+
+def _uses_store(settings: SliceSettings) -> bool:
+    """Whether slice-wise training reads its activations from the activation store."""
+    return settings.mode == "cache" or (settings.mode == "serial" and settings.serial_source == "cache")
+
+
+def _check_slice_settings(settings: SliceSettings) -> None:
+    """Refuse slice-wise settings that cannot work, before anything is loaded or trained."""
+    # The CLI checks these Literals; a call from Python does not.
+    choices = {"mode": ("stream", "cache", "serial"), "serial_source": ("cache", "teacher"),
+               "cache_dtype": ("float32", "bfloat16", "float16")}  # fmt: skip
+    for name, allowed in choices.items():
+        if getattr(settings, name) not in allowed:
+            raise ValueError(f"slicewise.{name} must be one of {', '.join(allowed)}, got {getattr(settings, name)!r}")
+    if settings.inputs == "student" and _uses_store(settings):
+        raise ValueError(
+            "slicewise.inputs=student feeds each slice the output of the student's earlier slices, a live forward "
+            "that stored activations cannot give: use mode=stream, or mode=serial with serial_source=teacher"
+        )
 
 
 @dataclass
@@ -127,10 +168,12 @@ def compress(
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         precision: Lightning precision (``bf16-mixed`` on GPUs); None is float32.
         overwrite: Start afresh in a run directory that holds another config's run.
-        progress: Show Lightning's progress bars.
+        progress: Show Lightning's progress bars (and the activation store's while it is built).
     """
     run_dir = Path(run_dir)
     config = _plain(locals())
+    if method != "global":
+        _check_slice_settings(slicewise)  # before the run directory is touched
     state = _open_run_dir(run_dir, config, overwrite)
     seed_everything(seed, workers=True)
 
@@ -154,16 +197,28 @@ def compress(
         _save_state(run_dir, state)
 
     if method in ("slicewise", "hybrid"):
-        groups = [slices] if slicewise.mode == "stream" else [[s] for s in slices]
+        serial = slicewise.mode == "serial"
+        groups = [[s] for s in slices] if serial else [slices]
+        store = None
         for group in groups:
-            phase = "slicewise" if slicewise.mode == "stream" else f"slice:{group[0].name}"
+            phase = f"slice:{group[0].name}" if serial else "slicewise"
             if _load_slices(run_dir, student, group):
                 continue
+            if store is None and _uses_store(slicewise):
+                # Opened once, and only when a slice still has to train: a finished run never reads it.
+                store = _activation_store(
+                    model, data, slices, slicewise, run_dir, state, accelerator=accelerator, precision=precision,
+                    progress=progress, seed=seed,
+                )  # fmt: skip
             module = SliceDistillation(
-                model, student, group, lr=slicewise.lr, weight_decay=slicewise.weight_decay,
-                schedule=slicewise.schedule, warmup_steps=slicewise.warmup_steps, inputs=slicewise.inputs,
+                model if store is None else None, student, group, lr=slicewise.lr,
+                weight_decay=slicewise.weight_decay, schedule=slicewise.schedule,
+                warmup_steps=slicewise.warmup_steps, inputs=slicewise.inputs,
             )  # fmt: skip
-            _fit(module, data, run_dir, state, phase, slicewise.epochs, **trainer_args)
+            source = data if store is None else ActivationDataModule(
+                store.root, [s.name for s in group], shuffle=slicewise.cache_shuffle, seed=seed
+            )  # fmt: skip
+            _fit(module, source, run_dir, state, phase, slicewise.epochs, **trainer_args)
             _save_slices(run_dir, student, group)
         state.setdefault("metrics", {})
         if "slicewise" not in state["metrics"]:
@@ -306,6 +361,30 @@ def _load_factors(student: nn.Module, path: Path) -> None:
     if missing:
         raise RunDirError(f"{path} lacks {len(missing)} factor tensors of this student: delete it to retrain")
     student.load_state_dict(state, strict=False)
+
+
+def _activation_store(
+    model: nn.Module, data: LightningDataModule, slices: list[Slice], settings: SliceSettings, run_dir: Path,
+    state: dict[str, Any], *, accelerator: str, precision: str | None, progress: bool, seed: int,
+) -> ActivationStore:  # fmt: skip
+    """Open the activation store (validated; whatever is missing or bad computed) for every slice.
+
+    Its wall time goes to ``state["times"]["cache"]`` (no optimisation time), so that a run's time can be counted
+    with its caching, as the paper counts it; a reused store adds only the time its validation took.
+    """
+    device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+    # The teacher runs as it would inside a mixed-precision training step.
+    autocast = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0])
+    started = time.perf_counter()
+    store = open_store(
+        settings.cache_dir or run_dir / "cache", model, data, slices, seed=seed, dtype=settings.cache_dtype,
+        device=device, autocast=autocast, progress=progress,
+    )  # fmt: skip
+    times = state.setdefault("times", {}).setdefault("cache", {"optimisation_s": 0.0, "wall_s": 0.0, "shards_built": 0})
+    times["wall_s"] += time.perf_counter() - started
+    times["shards_built"] += store.built
+    _save_state(run_dir, state)
+    return store
 
 
 # ------------------------------------------------------------------------------------------ training

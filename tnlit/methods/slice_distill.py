@@ -1,9 +1,11 @@
 """Slice-wise feature distillation (PAPER.md section 1): each slice learns the teacher's activation at its exit.
 
-One teacher forward per batch gives every slice its (input, target) pair; each slice's student modules map
-the input to a prediction, and the loss is the sum over slices of their MSE. Slices share no parameters
-and their inputs are detached, so the sum trains each slice exactly as if it trained alone: with all
-slices this is the ``stream`` mode, with one slice the ``serial`` mode, and the two give the same weights.
+One teacher forward per batch gives every slice its (input, target) pair, or a batch read back from an
+activation store carries the pairs (``{slice: (input, target)}``, no teacher needed); each slice's student
+modules map the input to a prediction, and the loss is the sum over slices of their MSE. Slices share no
+parameters and their inputs are detached, so the sum trains each slice exactly as if it trained alone: with
+all slices this is the ``stream`` (or ``cache``) mode, with one slice the ``serial`` mode, and the two give
+the same weights.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class SliceDistillation(FactorTraining, LightningModule):
 
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         student: nn.Module,
         slices: Sequence[Slice],
         *,
@@ -40,7 +42,8 @@ class SliceDistillation(FactorTraining, LightningModule):
     ) -> None:
         """
         Args:
-            teacher: The dense model; frozen, run in eval mode.
+            teacher: The dense model; frozen, run in eval mode. None when every batch carries cached activations
+                (``{slice: (input, target)}``): nothing is kept for, or moved to the device for, the teacher.
             student: The tensorized model; everything but the slices' factors stays frozen, in eval mode.
             slices: The slices to train on every batch (all of them: stream; one: serial).
             lr: Adam learning rate (the paper: 1e-3 for ResNet-34, 5e-5 for GPT-2 XL).
@@ -54,7 +57,7 @@ class SliceDistillation(FactorTraining, LightningModule):
         if inputs not in ("teacher", "student"):
             raise ValueError(f"inputs must be 'teacher' or 'student', got {inputs!r}")
         self.save_hyperparameters(ignore=["teacher", "student", "slices"])
-        self.teacher = teacher.requires_grad_(False)
+        self.teacher = teacher.requires_grad_(False) if teacher is not None else None
         self.student = student.requires_grad_(False)
         self.slices = list(slices)
         # Plain dict: the parts share the student's modules, which must not be registered twice.
@@ -64,7 +67,8 @@ class SliceDistillation(FactorTraining, LightningModule):
     def train(self, mode: bool = True) -> SliceDistillation:
         # Everything outside the factors is frozen, BatchNorm statistics and dropout included.
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         self.student.eval()
         return self
 
@@ -74,6 +78,8 @@ class SliceDistillation(FactorTraining, LightningModule):
             pairs = batch
             if self.hparams.inputs == "student":
                 raise ValueError("student inputs need the model's input, not cached activations; use stream mode")
+        elif self.teacher is None:
+            raise ValueError("a model batch needs the teacher: give one, or batches of cached activations")
         else:
             pairs = capture(self.teacher, batch_input(batch), self.slices)
         if self.hparams.inputs == "student":
