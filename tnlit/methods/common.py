@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch import LightningDataModule
 from torch import nn
 
 from tnlit.layers.base import TensorizedLayer
@@ -59,11 +61,34 @@ def configure_adam(
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def _rng_states() -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, Python), in types that ``torch.load(weights_only=True)`` reads.
+
+    Lightning's ``_collect_rng_states`` holds numpy's state as an ndarray, which a weights-only load refuses: it
+    travels as a tensor here.
+    """
+    states = _collect_rng_states()
+    if "numpy" in states:
+        kind, keys, *rest = states["numpy"]
+        states["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), *rest)
+    return states
+
+
+def _restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the global RNGs to ``states`` from :func:`_rng_states`; CUDA states only for the devices present."""
+    states = dict(states)
+    if "numpy" in states:
+        kind, keys, *rest = states["numpy"]
+        states["numpy"] = (kind, keys.numpy().astype("uint32"), *rest)
+    states["torch.cuda"] = list(states.get("torch.cuda", []))[: torch.cuda.device_count()]
+    _set_rng_states(states)
+
+
 class FactorTraining:
     """LightningModule mixin of the compression methods: train the given factors only, with Adam(W) and the
     schedule in ``hparams`` (lr, weight_decay, schedule, warmup_steps). Checkpoints hold what trains, not the
     frozen teacher and student, so an epoch checkpoint of GPT-2 XL's slices weighs the factors and their
-    optimizer state only."""
+    optimizer state only (and the global RNG states, so that a resumed run draws the same data order)."""
 
     trainable: list[nn.Parameter]
 
@@ -80,6 +105,19 @@ class FactorTraining:
         keep = {id(p) for p in self.trainable}
         names = {name for name, p in self.named_parameters() if id(p) in keep}  # type: ignore[attr-defined]
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        # A DataModule's hyper-parameters may hold any type (a Path, commonly), which the weights-only load of a
+        # resume refuses, so that the checkpoint would be set aside as unreadable; resuming needs none of them.
+        checkpoint.pop(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY, None)
+        checkpoint.pop(LightningDataModule.CHECKPOINT_HYPER_PARAMS_NAME, None)
+        # Lightning restores the loops and the optimizer, not the global RNGs: without them the epochs after a
+        # resume would draw another shuffle order (and other augmentations) than a run that was never stopped.
+        checkpoint["rng_states"] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning calls this before FitLoop.setup_data creates the train iterator, whose RandomSampler draws
+        # the epoch's order from the global torch RNG: restoring here gives the order of the uninterrupted run.
+        if "rng_states" in checkpoint:
+            _restore_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self) -> dict:
         h = self.hparams  # type: ignore[attr-defined]
