@@ -108,3 +108,51 @@ def test_lightning_subcommands_are_lightning_cli():
     tnlit = Path(sys.executable).with_name("tnlit")
     out = subprocess.run([tnlit, "fit", "--help"], capture_output=True, text=True, check=True)
     assert "--trainer.max_epochs" in out.stdout and "--model" in out.stdout
+
+
+COMPRESS = """\
+teacher: tiny-gpt2
+task: causal_lm
+data:
+  class_path: tnlit.data.offline.PydocTextDataModule
+  init_args: {{seq_len: 16, batch_size: 4, train_sequences: 8}}
+plan:
+  rules:
+    - pattern: 'transformer\\.h\\.\\d+\\.mlp\\.c_(fc|proj)'
+      format: mpo
+      {rule}
+run_dir: {run_dir}
+accelerator: cpu
+progress: false
+{extra}
+"""
+
+
+@pytest.mark.parametrize(
+    ("rule", "extra", "named"),
+    [
+        ("cr: 0.5", "slicewise: {lerning_rate: 1.0e-3}", ["slicewise.lerning_rate"]),
+        ("cr: 0.5", "slicewise: {epochs: two}", ["slicewise.epochs", "two"]),
+        ("cr: 1.5", "", ["CR must be", "1.5"]),
+        ("bond_dim: 1000", "", ["transformer.h.0.mlp.c_fc", "bond dimension 1000 is impossible", "use 1 to 128"]),
+    ],
+    ids=["unknown-key", "wrong-type", "cr-out-of-range", "rank-out-of-reach"],
+)
+def test_compress_config_mistake_fails_before_any_work(tmp_path, capsys, monkeypatch, rule, extra, named):
+    from tnlit.data.offline import PydocTextDataModule
+
+    def no_work(*args, **kwargs):
+        pytest.fail("a config mistake reached data loading or evaluation")
+
+    monkeypatch.setattr(PydocTextDataModule, "setup", no_work)
+    monkeypatch.setattr("tnlit.pipeline._evaluate", no_work)
+    config = tmp_path / "x.yaml"
+    config.write_text(COMPRESS.format(rule=rule, extra=extra, run_dir=tmp_path / "run"))
+    with pytest.raises(SystemExit) as done:
+        main(["compress", "--config", str(config)])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert all(text in err for text in named), err
+    assert "Traceback" not in err
+    # Nothing claimed the run directory: the corrected config runs there without overwrite.
+    assert not (tmp_path / "run").exists()

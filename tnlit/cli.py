@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     cfg = parser.parse_args(argv)
     name = cfg.subcommand
-    init = parser.instantiate(cfg)[name]
-    kwargs = {k: v for k, v in init.items() if k != "config"}
     try:
+        # Instantiating builds the plan's rules, which check themselves (a CR outside (0, 1) fails here).
+        init = parser.instantiate(cfg)[name]
+        kwargs = {k: v for k, v in init.items() if k != "config"}
         result = _commands()[name](**kwargs)
     except (TensorizeError, ValueError, RunDirError, FileNotFoundError) as err:
         # A bad plan or model name is the user's to fix: say what, without a traceback.

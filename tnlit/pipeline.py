@@ -174,15 +174,17 @@ def compress(
     config = _plain(locals())
     if method != "global":
         _check_slice_settings(slicewise)  # before the run directory is touched
-    state = _open_run_dir(run_dir, config, overwrite)
+    _refuse_another_config(run_dir, config, overwrite)  # in seconds, before the teacher loads
     seed_everything(seed, workers=True)
 
     model = load_teacher(teacher, teacher_weights).eval()
+    # A plan or a granularity that does not fit the model fails here, in seconds, and before the run directory
+    # is claimed: a directory claimed by a config that cannot run would refuse the corrected one.
     student, report = tensorize(model, plan)
+    slices = make_slices(student, slicewise.granularity, slicewise.block_pattern) if method != "global" else []
+    state = _open_run_dir(run_dir, config, overwrite)
     report.to_csv(run_dir / "report.csv")
     report.to_json(run_dir / "report.json")
-    # Before any training: a granularity that does not fit the model fails here, in seconds.
-    slices = make_slices(student, slicewise.granularity, slicewise.block_pattern) if method != "global" else []
     data.prepare_data()
     data.setup("fit")
     trainer_args = {"accelerator": accelerator, "precision": precision, "progress": progress, "seed": seed}
@@ -294,19 +296,26 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
+def _refuse_another_config(run_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
+    """Raise RunDirError when the directory holds a run of another config and overwrite is off; reads only."""
+    saved = run_dir / "config.json"
+    if overwrite or not saved.exists():
+        return
+    old = json.loads(saved.read_text())
+    if old != config:
+        changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise RunDirError(
+            f"{run_dir} holds a run of another config (differs in: {', '.join(changed)}); give another run_dir, "
+            "or overwrite=true to discard that run"
+        )
+
+
 def _open_run_dir(run_dir: Path, config: dict[str, Any], overwrite: bool) -> dict[str, Any]:
     """The run's state: fresh, or resumed when the directory holds a run of the same config."""
+    _refuse_another_config(run_dir, config, overwrite)
     saved = run_dir / "config.json"
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        if old != config and not overwrite:
-            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise RunDirError(
-                f"{run_dir} holds a run of another config (differs in: {', '.join(changed)}); give another run_dir, "
-                "or overwrite=true to discard that run"
-            )
-        if old != config:
-            shutil.rmtree(run_dir)
+    if saved.exists() and json.loads(saved.read_text()) != config:
+        shutil.rmtree(run_dir)  # overwrite
     run_dir.mkdir(parents=True, exist_ok=True)
     if not saved.exists():
         atomic_text(saved, json.dumps(config, indent=2) + "\n")
