@@ -156,3 +156,12 @@ def test_compress_config_mistake_fails_before_any_work(tmp_path, capsys, monkeyp
     assert "Traceback" not in err
     # Nothing claimed the run directory: the corrected config runs there without overwrite.
     assert not (tmp_path / "run").exists()
+
+
+def test_compress_help_documents_the_logging_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--log.wandb ", "--log.wandb_project", "--log.wandb_name", "--log.wandb_mode"):
+        assert option in out
+    assert "wandb sync" in out and "WANDB_MODE" in out

@@ -8,9 +8,9 @@ from lightning.pytorch import LightningDataModule
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from tnlit import Rule, TensorizePlan
+from tnlit import Rule, TensorizePlan, pipeline
 from tnlit.methods.slice_distill import SliceDistillation
-from tnlit.pipeline import FinetuneSettings, RunDirError, SliceSettings, compress
+from tnlit.pipeline import FinetuneSettings, LogSettings, RunDirError, SliceSettings, compress
 
 PLAN = TensorizePlan([Rule(r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", "mpo", cr=0.5)])
 
@@ -126,3 +126,53 @@ def test_global_and_hybrid(tmp_path, method):
     state = run(tmp_path / method, method=method, finetune=FinetuneSettings(epochs=1, lr=1e-3, kd_weight=0.5))
     assert "global" in state["metrics"] and state["final_metric"] == state["metrics"]["global"]
     assert ("slicewise" in state["metrics"]) == (method == "hybrid")
+
+
+def wandb_records(wandb_dir, run_id):
+    """The offline W&B runs of ``run_id`` under ``wandb_dir``, and the bytes of their transaction logs (metric keys
+    and summary keys stand in them as plain text)."""
+    runs = sorted((wandb_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    return runs, b"".join(f.read_bytes() for r in runs for f in r.glob("*.wandb"))
+
+
+def test_wandb_offline_logs_every_phase_and_resumes_with_the_run_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    step = SliceDistillation.training_step
+
+    def crash_in_second_slice(self, batch, batch_idx):
+        if self.slices[0].name == "transformer.h.1.mlp":
+            raise RuntimeError("simulated crash")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SliceDistillation, "training_step", crash_in_second_slice)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "run", log=LogSettings(wandb=True))
+    run_id = json.loads((tmp_path / "run/state.json").read_text())["wandb_id"]
+    # As a new process would: the crashed call's W&B run finished, compress() knows of no open run.
+    for open_run in pipeline._WANDB_RUNS.values():
+        open_run.finish(exit_code=1)
+    monkeypatch.setattr(pipeline, "_WANDB_RUNS", {})
+    monkeypatch.setattr(SliceDistillation, "training_step", step)
+
+    state = run(tmp_path / "run", log=LogSettings(wandb=True))
+    assert state["done"] and state["wandb_id"] == run_id
+    runs, log = wandb_records(tmp_path / "wandb", run_id)
+    assert len(runs) == 2, "the rerun resumed the W&B run of the run directory (same id)"
+    for key in ("slice:transformer.h.0.mlp-train/mse", "slice:transformer.h.1.mlp-train/mse", "final_metric"):
+        assert key.encode() in log, key
+
+    # Logging is not part of the run's config: without W&B, the finished run only reports.
+    monkeypatch.setattr("lightning.pytorch.Trainer.fit", lambda *a, **k: pytest.fail("a finished run trained"))
+    assert run(tmp_path / "run")["metrics"] == state["metrics"]
+
+
+def test_wandb_mode_in_the_environment_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # as in a sandbox or CI: never online, whatever the config says
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    state = run(
+        tmp_path / "run", log=LogSettings(wandb=True, wandb_mode="online"),
+        slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2),
+    )  # fmt: skip
+    assert state["done"]
+    assert wandb_records(tmp_path / "wandb", state["wandb_id"]) == ([], b"")

@@ -12,6 +12,8 @@ run_dir/
   cache/             the activation store of the cache and serial modes: manifest.json + one shard a batch
                      (tnlit.activation_store); elsewhere when slicewise.cache_dir says so
   student.safetensors          the assembled student
+  logs/<phase>/version_<n>/    CSV metrics, one version a (re)start of the phase
+  wandb/             the W&B run's files when log.wandb is on (elsewhere when $WANDB_DIR says so)
 ```
 
 Rerunning the same command resumes: finished slices and phases are loaded, not retrained; a phase that was
@@ -22,8 +24,10 @@ interrupted one completed; a finished run only reports.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +36,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
@@ -45,7 +49,7 @@ from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.slices import Slice, SliceModule, make_slices
 from tnlit.tensorize import TensorizePlan, tensorize
 
-__all__ = ["FinetuneSettings", "RunDirError", "SliceSettings", "compress", "load_teacher"]
+__all__ = ["FinetuneSettings", "LogSettings", "RunDirError", "SliceSettings", "compress", "load_teacher"]
 
 Task = Literal["classification", "causal_lm"]
 Method = Literal["slicewise", "global", "hybrid"]
@@ -131,6 +135,25 @@ class FinetuneSettings:
     """Softmax temperature of the logit distillation."""
 
 
+@dataclass
+class LogSettings:
+    """Where the training curves go besides the CSV files under ``run_dir/logs`` (always written).
+
+    Not part of the run's config: changing them resumes the run, never refuses or discards it.
+    """
+
+    wandb: bool = False
+    """Also log to Weights & Biases (Lightning's WandbLogger): one W&B run per run directory, across all its phases,
+    resumed with it (its id is kept in state.json); the evaluations go to the W&B run's summary."""
+    wandb_project: str = "tnlit"
+    """The W&B project."""
+    wandb_name: str | None = None
+    """The W&B run's name; None: the run directory's name."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """``offline``: written under ``run_dir/wandb`` (or ``$WANDB_DIR``), no network; ``wandb sync`` uploads it
+    later. ``online``: streamed to the W&B server. ``disabled``: nothing. ``$WANDB_MODE``, when set, wins."""
+
+
 class RunDirError(RuntimeError):
     """A run directory that belongs to another config, or holds a checkpoint that cannot be used."""
 
@@ -150,6 +173,7 @@ def compress(
     precision: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    log: LogSettings = LogSettings(),  # noqa: B008
 ) -> dict[str, Any]:
     """Compress a teacher by a plan and recover it slice-wise, globally, or both (hybrid); resumable.
 
@@ -169,6 +193,7 @@ def compress(
         precision: Lightning precision (``bf16-mixed`` on GPUs); None is float32.
         overwrite: Start afresh in a run directory that holds another config's run.
         progress: Show Lightning's progress bars (and the activation store's while it is built).
+        log: Where the training curves go besides CSV (W&B); not part of the run's config.
     """
     run_dir = Path(run_dir)
     config = _plain(locals())
@@ -187,7 +212,9 @@ def compress(
     report.to_json(run_dir / "report.json")
     data.prepare_data()
     data.setup("fit")
-    trainer_args = {"accelerator": accelerator, "precision": precision, "progress": progress, "seed": seed}
+    loggers = _Loggers(log, run_dir, state, config)
+    trainer_args = {"accelerator": accelerator, "precision": precision, "progress": progress, "seed": seed,
+                    "loggers": loggers}  # fmt: skip
 
     if "teacher_metric" not in state:
         state["teacher_metric"] = _evaluate(model, data, task, accelerator)
@@ -250,6 +277,7 @@ def compress(
     state["done"] = True
     state["final_metric"] = state["metrics"][method if method != "hybrid" else "global"]
     _save_state(run_dir, state)
+    loggers.close()
     return state
 
 
@@ -283,7 +311,7 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
     """The config as JSON-able data: dataclasses as dicts, the DataModule as class path + hyper-parameters."""
     out = {}
     for key, value in values.items():
-        if key == "progress":
+        if key in ("progress", "log"):  # what is shown and where, not what is computed
             continue
         if isinstance(value, LightningDataModule):
             cls = type(value)
@@ -423,9 +451,60 @@ class _OptimisationTimer(Callback):
             torch.cuda.synchronize(trainer.strategy.root_device)
 
 
+class _Loggers:
+    """The loggers of one compress() call: CSV for every phase; W&B, when asked, one run across the phases."""
+
+    def __init__(self, settings: LogSettings, run_dir: Path, state: dict[str, Any], config: dict[str, Any]) -> None:
+        self.settings, self.run_dir, self.state, self.config = settings, run_dir, state, config
+
+    def for_phase(self, phase: str) -> list[Logger]:
+        # A new version per attempt (version_0, version_1, ...): Lightning deletes the metrics.csv of a version it
+        # opens again, which would lose the epochs that a resumed phase does not train again.
+        loggers: list[Logger] = [CSVLogger(self.run_dir / "logs", name=phase.replace(":", "_"))]
+        if self.settings.wandb:
+            # Every phase's Trainer counts its steps from 0: the phase prefixes the keys, so curves stay apart.
+            loggers.append(WandbLogger(experiment=self._wandb_run(), prefix=phase))
+        return loggers
+
+    def close(self) -> None:
+        """Put the evaluations into the W&B run's summary and finish the run (when W&B is on)."""
+        if not self.settings.wandb:
+            return
+        run = self._wandb_run()
+        keys = ("teacher_metric", "init_metric", "metrics", "final_metric", "compression", "times")
+        run.summary.update({k: self.state[k] for k in keys if k in self.state})
+        run.finish()
+        _WANDB_RUNS.pop(run.id, None)
+
+    def _wandb_run(self) -> Any:
+        """The W&B run of this run directory: started (or resumed, by the id in state.json) on first use."""
+        import wandb
+
+        run_id = self.state.get("wandb_id")
+        if run_id in _WANDB_RUNS:  # still open in this process: an earlier call stopped by an exception
+            return _WANDB_RUNS[run_id]
+        if run_id is None:
+            run_id = self.state["wandb_id"] = uuid.uuid4().hex[:8]
+            _save_state(self.run_dir, self.state)
+        run = wandb.init(
+            project=self.settings.wandb_project, name=self.settings.wandb_name or self.run_dir.name, id=run_id,
+            resume="allow", config=self.config, dir=os.environ.get("WANDB_DIR", self.run_dir),
+            mode=os.environ.get("WANDB_MODE") or self.settings.wandb_mode,
+            reinit="create_new",  # apart from any run the caller has open; WandbLogger gets this one
+        )  # fmt: skip
+        run.define_metric("trainer/global_step")
+        run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        _WANDB_RUNS[run_id] = run
+        return run
+
+
+# W&B runs that compress() opened and has not finished yet, by id.
+_WANDB_RUNS: dict[str, Any] = {}
+
+
 def _fit(
     module: LightningModule, data: LightningDataModule, run_dir: Path, state: dict[str, Any], phase: str, epochs: int,
-    *, accelerator: str, precision: str | None, progress: bool, seed: int,
+    *, accelerator: str, precision: str | None, progress: bool, seed: int, loggers: _Loggers,
 ) -> None:  # fmt: skip
     """Train one phase, resuming from its last epoch checkpoint when there is one."""
     seed_everything(seed, workers=True)  # the same data order in every phase and mode
@@ -434,7 +513,7 @@ def _fit(
     timer = _OptimisationTimer(state, phase, run_dir)
     trainer = Trainer(
         max_epochs=epochs, accelerator=accelerator, precision=precision, devices=1,
-        logger=CSVLogger(run_dir / "logs", name=phase.replace(":", "_"), version=0),
+        logger=loggers.for_phase(phase),
         callbacks=[_epoch_checkpoint(ckpt_dir), timer],
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
