@@ -176,3 +176,24 @@ def test_wandb_mode_in_the_environment_wins(tmp_path, monkeypatch):
     )  # fmt: skip
     assert state["done"]
     assert wandb_records(tmp_path / "wandb", state["wandb_id"]) == ([], b"")
+
+
+def test_teacher_weights_load_with_tied_embeddings_and_bad_files_say_so(tmp_path):
+    from safetensors.torch import save_model
+
+    from tnlit.pipeline import load_teacher
+
+    teacher = load_teacher("tiny-gpt2")
+    with torch.no_grad():
+        teacher.transformer.wte.weight.add_(1.0)  # tied to lm_head: save_model stores one copy
+    save_model(teacher, str(tmp_path / "t.safetensors"))
+    loaded = load_teacher("tiny-gpt2", tmp_path / "t.safetensors")
+    torch.testing.assert_close(loaded.lm_head.weight, teacher.lm_head.weight, rtol=0, atol=0)
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="unreadable.*train the teacher again"):
+        load_teacher("tiny-gpt2", tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="do not fit model 'tiny-gpt2-bytes'"):
+        load_teacher("tiny-gpt2-bytes", tmp_path / "t.safetensors")
+    with pytest.raises(FileNotFoundError, match="train the teacher first"):
+        load_teacher("tiny-gpt2", tmp_path / "missing.safetensors")

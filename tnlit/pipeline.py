@@ -38,6 +38,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_model as load_safetensors_model
 from torch import nn
 
 from tnlit.activation_store import ActivationStore, StorageDtype, open_store
@@ -291,16 +292,27 @@ def load_teacher(name: str, weights: Path | None = None) -> nn.Module:
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"teacher weights {weights} do not exist: train the teacher first (tnlit fit)")
-    if weights.suffix == ".safetensors":
-        state = load_file(weights)
-    else:
+    try:
+        if weights.suffix == ".safetensors":
+            # load_model, not load_file: a file written by save_model holds one copy of tied weights.
+            load_safetensors_model(model, weights, strict=True)
+            return model
         ckpt = torch.load(weights, map_location="cpu", weights_only=True)
-        state = ckpt.get("state_dict", ckpt)
-        # A LightningModule keeps the network under one attribute ("model."): strip it.
-        prefixes = {k.split(".", 1)[0] for k in state}
-        if len(prefixes) == 1:
-            state = {k.split(".", 1)[1]: v for k, v in state.items()}
-    model.load_state_dict(state)
+    except RuntimeError as err:
+        if "state_dict" in str(err):  # the file is sound but belongs to another architecture
+            raise ValueError(f"teacher weights {weights} do not fit model {name!r}: {err}") from err
+        raise ValueError(f"teacher weights {weights} are unreadable ({err}): train the teacher again") from err
+    except Exception as err:  # noqa: BLE001 - a truncated file raises several types
+        raise ValueError(f"teacher weights {weights} are unreadable ({err}): train the teacher again") from err
+    state = ckpt.get("state_dict", ckpt)
+    # A LightningModule keeps the network under one attribute ("model."): strip it.
+    prefixes = {k.split(".", 1)[0] for k in state}
+    if len(prefixes) == 1:
+        state = {k.split(".", 1)[1]: v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"teacher weights {weights} do not fit model {name!r}: {err}") from err
     return model
 
 
