@@ -128,6 +128,22 @@ def test_global_and_hybrid(tmp_path, method):
     assert ("slicewise" in state["metrics"]) == (method == "hybrid")
 
 
+def test_eval_each_epoch_records_the_metric_against_optimisation_time(tmp_path):
+    state = run(
+        tmp_path / "run", method="hybrid", eval_each_epoch=True, slicewise=SliceSettings(mode="stream", epochs=2),
+        finetune=FinetuneSettings(epochs=2, lr=1e-3),
+    )  # fmt: skip
+    curve = state["curve"]
+    expected = [("slicewise", 1), ("slicewise", 2), ("global", 1), ("global", 2)]
+    assert [(p["phase"], p["epoch"]) for p in curve] == expected
+    times = [p["optimisation_s"] for p in curve]
+    assert all(a < b for a, b in zip(times, times[1:])), "time so far counts every phase before the point"
+    assert times[-1] == pytest.approx(sum(t["optimisation_s"] for t in state["times"].values()))
+    # A phase's last point is the student that phase ends with.
+    assert curve[1]["perplexity"] == pytest.approx(state["metrics"]["slicewise"]["perplexity"])
+    assert curve[-1]["perplexity"] == pytest.approx(state["final_metric"]["perplexity"])
+
+
 def wandb_records(wandb_dir, run_id):
     """The offline W&B runs of ``run_id`` under ``wandb_dir``, and the bytes of their transaction logs (metric keys
     and summary keys stand in them as plain text)."""

@@ -29,6 +29,7 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -175,6 +176,7 @@ def compress(
     overwrite: bool = False,
     progress: bool = True,
     log: LogSettings = LogSettings(),  # noqa: B008
+    eval_each_epoch: bool = False,
 ) -> dict[str, Any]:
     """Compress a teacher by a plan and recover it slice-wise, globally, or both (hybrid); resumable.
 
@@ -195,6 +197,9 @@ def compress(
         overwrite: Start afresh in a run directory that holds another config's run.
         progress: Show Lightning's progress bars (and the activation store's while it is built).
         log: Where the training curves go besides CSV (W&B); not part of the run's config.
+        eval_each_epoch: Also evaluate the student on the test split after every epoch of every phase, and record
+            each point (phase, epoch, optimisation seconds so far over all phases, metric) in state.json's
+            ``curve``: the metric against time, and the time to the best metric as the paper counts it.
     """
     run_dir = Path(run_dir)
     config = _plain(locals())
@@ -214,8 +219,9 @@ def compress(
     data.prepare_data()
     data.setup("fit")
     loggers = _Loggers(log, run_dir, state, config)
+    evaluate = (lambda student: _evaluate(student, data, task, accelerator)) if eval_each_epoch else None
     trainer_args = {"accelerator": accelerator, "precision": precision, "progress": progress, "seed": seed,
-                    "loggers": loggers}  # fmt: skip
+                    "loggers": loggers, "evaluate": evaluate}  # fmt: skip
 
     if "teacher_metric" not in state:
         state["teacher_metric"] = _evaluate(model, data, task, accelerator)
@@ -323,7 +329,7 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
     """The config as JSON-able data: dataclasses as dicts, the DataModule as class path + hyper-parameters."""
     out = {}
     for key, value in values.items():
-        if key in ("progress", "log"):  # what is shown and where, not what is computed
+        if key in ("progress", "log", "eval_each_epoch"):  # what is shown and recorded, not what is computed
             continue
         if isinstance(value, LightningDataModule):
             cls = type(value)
@@ -463,6 +469,26 @@ class _OptimisationTimer(Callback):
             torch.cuda.synchronize(trainer.strategy.root_device)
 
 
+class _EpochEvaluation(Callback):
+    """The student's test metric after every epoch of a phase, with the optimisation time spent so far in all
+    phases, appended to state.json's ``curve``."""
+
+    def __init__(
+        self, state: dict[str, Any], run_dir: Path, phase: str, evaluate: Callable[[nn.Module], dict[str, float]]
+    ) -> None:
+        self.state, self.run_dir, self.phase, self.evaluate = state, run_dir, phase, evaluate
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        points = self.state.setdefault("curve", [])
+        epoch = trainer.current_epoch + 1
+        spent = sum(t.get("optimisation_s", 0.0) for t in self.state.get("times", {}).values())
+        point = {"phase": self.phase, "epoch": epoch, "optimisation_s": spent, **self.evaluate(pl_module.student)}
+        # Lightning runs checkpoint callbacks last, so a kill can fall between this point and the epoch's checkpoint;
+        # the resumed phase trains that epoch again and its point replaces this one.
+        points[:] = [p for p in points if (p["phase"], p["epoch"]) != (self.phase, epoch)] + [point]
+        _save_state(self.run_dir, self.state)
+
+
 class _Loggers:
     """The loggers of one compress() call: CSV for every phase; W&B, when asked, one run across the phases."""
 
@@ -517,16 +543,20 @@ _WANDB_RUNS: dict[str, Any] = {}
 def _fit(
     module: LightningModule, data: LightningDataModule, run_dir: Path, state: dict[str, Any], phase: str, epochs: int,
     *, accelerator: str, precision: str | None, progress: bool, seed: int, loggers: _Loggers,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> None:  # fmt: skip
-    """Train one phase, resuming from its last epoch checkpoint when there is one."""
+    """Train one phase, resuming from its last epoch checkpoint when there is one; ``evaluate`` (the student's
+    metric) is called after every epoch when given."""
     seed_everything(seed, workers=True)  # the same data order in every phase and mode
     ckpt_dir = run_dir / "ckpt" / phase.replace(":", "_")
     last = ckpt_dir / "last.ckpt"
-    timer = _OptimisationTimer(state, phase, run_dir)
+    callbacks = [_epoch_checkpoint(ckpt_dir), timer := _OptimisationTimer(state, phase, run_dir)]
+    if evaluate is not None:
+        callbacks.append(_EpochEvaluation(state, run_dir, phase, evaluate))
     trainer = Trainer(
         max_epochs=epochs, accelerator=accelerator, precision=precision, devices=1,
         logger=loggers.for_phase(phase),
-        callbacks=[_epoch_checkpoint(ckpt_dir), timer],
+        callbacks=callbacks,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
     started = time.perf_counter()
