@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from tnlit.pipeline import RunDirError
 from tnlit.tensorize import CompressionReport, TensorizeError, TensorizePlan, estimate, tensorize
 
-__all__ = ["main", "report"]
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningCLI
+
+__all__ = ["lightning_cli", "main", "report", "run_command"]
 
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -62,8 +66,9 @@ def report(
 def _commands() -> dict:
     """tnlit's own subcommands: a function each, whose signature and docstring make the options and help."""
     from tnlit.pipeline import compress
+    from tnlit.quickstart import quickstart
 
-    return {"report": report, "compress": compress}
+    return {"report": report, "compress": compress, "quickstart": quickstart}
 
 
 def build_parser() -> ArgumentParser:
@@ -84,15 +89,16 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _lightning_cli(argv: list[str] | None) -> None:
+def lightning_cli(argv: list[str] | None) -> LightningCLI:
     """LightningCLI over any LightningModule / LightningDataModule (``--model``, ``--data`` class paths).
 
-    ``argv=None`` lets it read ``sys.argv`` itself (it warns when given both).
+    ``argv=None`` lets it read ``sys.argv`` itself (it warns when given both). Returns the CLI, whose ``model``,
+    ``datamodule`` and ``trainer`` are the ones that ran.
     """
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
+    return LightningCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -102,21 +108,28 @@ def _lightning_cli(argv: list[str] | None) -> None:
     )
 
 
+def run_command(argv: list[str], parser: ArgumentParser | None = None) -> Any:
+    """Parse ``argv`` (``compress --config X.yaml``, ...) as the command line does, run that subcommand, and return
+    its result. Bad options exit with jsonargparse's message naming the key."""
+    parser = parser or build_parser()
+    cfg = parser.parse_args(argv)
+    name = cfg.subcommand
+    # Instantiating builds the plan's rules, which check themselves (a CR outside (0, 1) fails here).
+    init = parser.instantiate(cfg)[name]
+    return _commands()[name](**{k: v for k, v in init.items() if k != "config"})
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tnlit`` console script."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _LIGHTNING_SUBCOMMANDS:
-        _lightning_cli(None if from_command_line else argv)
+        lightning_cli(None if from_command_line else argv)
         return
     parser = build_parser()
-    cfg = parser.parse_args(argv)
-    name = cfg.subcommand
+    name = argv[0] if argv else ""
     try:
-        # Instantiating builds the plan's rules, which check themselves (a CR outside (0, 1) fails here).
-        init = parser.instantiate(cfg)[name]
-        kwargs = {k: v for k, v in init.items() if k != "config"}
-        result = _commands()[name](**kwargs)
+        result = run_command(argv, parser)
     except (TensorizeError, ValueError, RunDirError, FileNotFoundError) as err:
         # A bad plan or model name is the user's to fix: say what, without a traceback.
         parser.exit(2, f"tnlit {name}: error: {err}\n")

@@ -1,0 +1,240 @@
+"""``tnlit quickstart``: the embedded default, end to end, with nothing downloaded.
+
+1. Trains the teachers of ``configs/quickstart/teachers/`` (LightningCLI ``fit`` configs: a CIFAR ResNet-34 at
+   reduced width on scikit-learn's digits, a byte-level GPT-2 on the standard library's pydoc text), once: their
+   weights are kept under ``runs/quickstart/teachers/`` and reused while their config is unchanged.
+2. Runs every ``configs/quickstart/*.yaml`` exactly as ``tnlit compress --config X.yaml`` would: each model at two
+   CRs with global finetuning, slice-wise distillation and the hybrid. Finished runs are not trained again.
+3. Writes ``results/quickstart.csv`` and ``.md`` (one row per run), ``quickstart.png`` (the metric against
+   optimisation time, one line per method and CR) and ``quickstart.provenance.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tnlit.atomic import atomic_path, atomic_text
+
+__all__ = ["quickstart", "train_teacher"]
+
+# Per task: the metric's key in state.json, its label, and whether higher is better.
+_METRICS = {"classification": ("top1", "top-1 accuracy (%)", True), "causal_lm": ("perplexity", "perplexity", False)}
+
+
+def quickstart(
+    configs: Path = Path("configs/quickstart"),
+    results: Path = Path("results"),
+    teachers: Path = Path("runs/quickstart/teachers"),
+    only: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train the two small teachers (once), compress each at two CRs by global, slice-wise and hybrid recovery, and
+    write the comparison to results/quickstart.{csv,md,png} with its provenance. Offline; resumable.
+
+    Args:
+        configs: The folder of compress configs (``*.yaml``), with the teachers' LightningCLI configs in
+            ``teachers/`` beside them.
+        results: Where quickstart.csv, .md, .png and .provenance.json are written.
+        teachers: Where each teacher's weights (``<config name>.safetensors``) and facts (``.json``) are kept; a
+            compress config names its teacher's weights file there.
+        only: Run only the compress configs whose file name matches this regular expression (the teachers they
+            need are trained all the same); the results then hold those runs only.
+        progress: Show progress bars.
+    """
+    configs, results = Path(configs), Path(results)
+    runs = sorted(p for p in configs.glob("*.yaml"))
+    if only is not None:
+        runs = [p for p in runs if re.search(only, p.stem)]
+    if not runs:
+        raise FileNotFoundError(
+            f"no compress config {'matching ' + repr(only) + ' ' if only else ''}in {configs}: run tnlit quickstart "
+            "from the repository's root, or give --configs"
+        )
+    started = time.perf_counter()
+    teacher_configs = sorted((configs / "teachers").glob("*.yaml"))
+    teacher_facts = {p.stem: train_teacher(p, Path(teachers), progress=progress) for p in teacher_configs}
+    from tnlit.cli import run_command
+
+    rows = []
+    for i, path in enumerate(runs, 1):
+        print(f"\n[{i}/{len(runs)}] tnlit compress --config {path}", flush=True)
+        state = run_command(["compress", "--config", str(path), f"--progress={str(progress).lower()}"])
+        rows.append(_row(path, state))
+        print(f"[{i}/{len(runs)}] {path.stem}: {_summary(rows[-1])}", flush=True)
+    total_s = time.perf_counter() - started
+
+    results.mkdir(parents=True, exist_ok=True)
+    _write_csv(rows, results / "quickstart.csv")
+    atomic_text(results / "quickstart.md", _markdown(rows, teacher_facts, total_s))
+    _plot(rows, results / "quickstart.png")
+    from tnlit.provenance import write_provenance
+
+    write_provenance(
+        results / "quickstart.provenance.json",
+        {"configs": [str(p) for p in runs], "teachers": teacher_facts, "total_s": round(total_s, 1)},
+    )
+    print(f"\nquickstart: {len(rows)} runs in {total_s / 60:.1f} min; results in {results}/quickstart.*")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ teachers
+
+
+def train_teacher(config: Path, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train the teacher of a LightningCLI ``fit`` config into ``out_dir/<config name>.safetensors``, unless weights
+    of that same config are there already (a damaged file is said and trained again). Returns its facts: the
+    config's hash, the training time and the final validation metrics."""
+    from safetensors import safe_open
+    from safetensors.torch import save_model
+
+    from tnlit.cli import lightning_cli
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights, facts_file = out_dir / f"{config.stem}.safetensors", out_dir / f"{config.stem}.json"
+    digest = hashlib.sha256(config.read_bytes()).hexdigest()
+    if weights.exists() and facts_file.exists():
+        try:
+            facts = json.loads(facts_file.read_text())
+            with safe_open(weights, "pt") as f:  # reads the header; a truncated or foreign file fails here
+                list(f.keys())
+            if facts.get("config_sha256") == digest:
+                print(f"teacher {config.stem}: reusing {weights} (trained in {facts['train_s']:.0f} s)", flush=True)
+                return facts
+            print(f"teacher {config.stem}: {config} changed since {weights} was trained; training again", flush=True)
+        except Exception as err:  # noqa: BLE001 - json and safetensors raise several types for a damaged file
+            warnings.warn(f"teacher {config.stem}: {weights} or {facts_file} is unreadable ({err}); training again",
+                          stacklevel=2)  # fmt: skip
+    print(f"teacher {config.stem}: training (tnlit fit --config {config})", flush=True)
+    started = time.perf_counter()
+    cli = lightning_cli(
+        ["fit", "--config", str(config), f"--trainer.default_root_dir={out_dir / config.stem}",
+         f"--trainer.enable_progress_bar={str(progress).lower()}"]
+    )  # fmt: skip
+    train_s = time.perf_counter() - started
+    metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    with atomic_path(weights) as tmp:
+        save_model(cli.model.model, str(tmp))
+    facts = {"config": str(config), "config_sha256": digest, "train_s": round(train_s, 1), "val_metrics": metrics}
+    atomic_text(facts_file, json.dumps(facts, indent=2) + "\n")
+    print(f"teacher {config.stem}: {metrics} after {train_s:.0f} s -> {weights}", flush=True)
+    return facts
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+def _row(config: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """One results row from a finished run's config and state."""
+    import yaml
+
+    run_dir = yaml.safe_load(config.read_text()).get("run_dir")
+    if run_dir is None:
+        raise ValueError(f"{config} sets no run_dir: a quickstart config must name where its run lives")
+    run_config = json.loads((Path(run_dir) / "config.json").read_text())
+    key, _, higher_is_better = _METRICS[run_config["task"]]
+    curve = [(0.0, state["init_metric"][key])] + [(p["optimisation_s"], p[key]) for p in state.get("curve", [])]
+    sign = 1 if higher_is_better else -1
+    best_time, best = max(curve, key=lambda point: (sign * point[1], -point[0]))  # the best, reached first
+    times = state.get("times", {})
+    return {
+        "config": config.stem,
+        "teacher": run_config["teacher"],
+        "method": run_config["method"],
+        "cr_rule": ",".join(str(r.get("cr")) for r in run_config["plan"]["rules"]),
+        "compression_rate": round(state["compression"]["compression_rate"], 4),
+        "metric": key,
+        "teacher_metric": round(state["teacher_metric"][key], 3),
+        "init_metric": round(state["init_metric"][key], 3),
+        "final_metric": round(state["final_metric"][key], 3),
+        "best_metric": round(best, 3),
+        "time_to_best_s": round(best_time, 1),
+        "optimisation_s": round(sum(t.get("optimisation_s", 0.0) for t in times.values()), 1),
+        "wall_s": round(sum(t.get("wall_s", 0.0) for t in times.values()), 1),
+        "curve": curve,
+    }
+
+
+def _summary(row: dict[str, Any]) -> str:
+    return (
+        f"{row['metric']} {row['init_metric']} -> {row['final_metric']} (teacher {row['teacher_metric']}), "
+        f"CR {row['compression_rate']}, {row['optimisation_s']} s optimisation"
+    )
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    fields = [k for k in rows[0] if k != "curve"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_text(path, out.getvalue())
+
+
+def _markdown(rows: list[dict[str, Any]], teachers: dict[str, Any], total_s: float) -> str:
+    lines = [
+        "# tnlit quickstart",
+        "",
+        f"Written by `tnlit quickstart`; this invocation took {total_s / 60:.1f} min (a teacher or run finished "
+        "before is reused, not trained again; quickstart.provenance.json names the machine). "
+        "Times are optimisation seconds (forward + backward + step, as the paper counts them), "
+        "summed over a run's phases; *best* is the best metric after any epoch and *to best* the optimisation time "
+        "it took to get there.",
+        "",
+        "Teachers: "
+        + "; ".join(f"{name} trained in {f['train_s']:.0f} s, {f['val_metrics']}" for name, f in teachers.items()),
+    ]
+    for teacher in dict.fromkeys(r["teacher"] for r in rows):
+        group = [r for r in rows if r["teacher"] == teacher]
+        lines += [
+            "",
+            f"## {teacher} ({_METRICS_LABEL[group[0]['metric']]}; teacher {group[0]['teacher_metric']})",
+            "",
+            "| CR (rule) | CR (model) | method | start | final | best | to best (s) | optimisation (s) | wall (s) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in group:
+            cells = ("cr_rule", "compression_rate", "method", "init_metric", "final_metric", "best_metric",
+                     "time_to_best_s", "optimisation_s", "wall_s")  # fmt: skip
+            lines.append("| " + " | ".join(str(r[c]) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_METRICS_LABEL = {key: label for key, label, _ in _METRICS.values()}
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """The metric against optimisation time: one panel per teacher, one line per method (colour) and CR (style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    teachers = list(dict.fromkeys(r["teacher"] for r in rows))
+    colours = {"global": "tab:red", "slicewise": "tab:blue", "hybrid": "tab:green"}
+    fig, axes = plt.subplots(1, len(teachers), figsize=(6 * len(teachers), 4.5), squeeze=False)
+    for ax, teacher in zip(axes[0], teachers):
+        group = [r for r in rows if r["teacher"] == teacher]
+        crs = sorted({r["cr_rule"] for r in group})
+        for r in group:
+            xs, ys = zip(*r["curve"])
+            style = ["-", "--", ":", "-."][crs.index(r["cr_rule"]) % 4]
+            ax.plot(xs, ys, style, marker="o", ms=3, color=colours.get(r["method"]),
+                    label=f"{r['method']}, CR {r['compression_rate']:.2f}")  # fmt: skip
+        ax.axhline(group[0]["teacher_metric"], color="grey", lw=1, ls=":", label="teacher")
+        if group[0]["metric"] == "perplexity":
+            ax.set_yscale("log")
+        ax.set(title=teacher, xlabel="optimisation time (s)", ylabel=_METRICS_LABEL[group[0]["metric"]])
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
