@@ -85,7 +85,8 @@ def test_quickstart_trains_teachers_once_runs_every_config_and_writes_the_result
     assert "| 0.5 |" in md and "hybrid" in md
     assert (results / "quickstart.png").read_bytes()[:4] == b"\x89PNG"
     provenance = json.loads((results / "quickstart.provenance.json").read_text())
-    assert provenance["git_commit"] and len(provenance["config"]["configs"]) == 3
+    assert provenance["git_commit"] and len(provenance["config"]["configs"]) == 4  # the teacher's and 3 runs
+    assert "method: hybrid" in provenance["config"]["configs"][str(configs / "mini_hybrid.yaml")]
 
     # A rerun trains nothing: the teacher is reused and every run is finished.
     weights = teachers / "tiny-gpt2-bytes.safetensors"

@@ -79,7 +79,12 @@ def quickstart(
 
     write_provenance(
         results / "quickstart.provenance.json",
-        {"configs": [str(p) for p in runs], "teachers": teacher_facts, "total_s": round(total_s, 1)},
+        # The configs' text, so the results stay explained whatever the working tree held.
+        {
+            "configs": {str(p): p.read_text() for p in [*teacher_configs, *runs]},
+            "teachers": teacher_facts,
+            "total_s": round(total_s, 1),
+        },
     )
     print(f"\nquickstart: {len(rows)} runs in {total_s / 60:.1f} min; results in {results}/quickstart.*")
     return rows
@@ -114,10 +119,13 @@ def train_teacher(config: Path, out_dir: Path, *, progress: bool = True) -> dict
                           stacklevel=2)  # fmt: skip
     print(f"teacher {config.stem}: training (tnlit fit --config {config})", flush=True)
     started = time.perf_counter()
-    cli = lightning_cli(
-        ["fit", "--config", str(config), f"--trainer.default_root_dir={out_dir / config.stem}",
-         f"--trainer.enable_progress_bar={str(progress).lower()}"]
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        # It warns that sys.argv (tnlit quickstart ...) is not what it parses: that is the point here.
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        cli = lightning_cli(
+            ["fit", "--config", str(config), f"--trainer.default_root_dir={out_dir / config.stem}",
+             f"--trainer.enable_progress_bar={str(progress).lower()}"]
+        )  # fmt: skip
     train_s = time.perf_counter() - started
     metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     with atomic_path(weights) as tmp:
