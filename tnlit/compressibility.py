@@ -1,0 +1,524 @@
+"""Compressibility map and budgeted rank allocation: what each layer loses at each CR without training, and a
+plan that spends a whole-model parameter budget where it costs least error.
+
+Choosing ranks is one of the main practical barriers of tensorization (PAPER.md section 2). A layer's error as a
+function of its ranks comes from one decomposition: the singular values of the matrix unfolded at the bond for a
+two-site MPO or a low-rank matrix (the TT-SVD / truncated SVD error is their tail), the channel-mode projections
+of a conv kernel for Tucker-2 (the HOSVD error, exactly), and a TT-SVD per candidate rank for MPOs of three sites
+or more. The error is the relative Frobenius error ``||W - W_hat|| / ||W||`` that ``tensorize``'s report shows,
+and the ranks for a CR come from the same closed forms (:mod:`tnlit.formats.ranks`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import dataclasses
+import heapq
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tnlit.atomic import atomic_path, atomic_text
+from tnlit.formats.mpo import mpo_from_matrix, mpo_to_matrix
+from tnlit.formats.ranks import (
+    RankError,
+    check_cr,
+    lowrank_params,
+    lowrank_rank_for_cr,
+    mpo_bond_dims,
+    mpo_max_bond_dims,
+    mpo_params,
+    tucker2_params,
+    tucker2_ranks,
+)
+from tnlit.formats.spectra import truncation_errors
+from tnlit.layers.base import dense_weight_io, is_hf_conv1d
+from tnlit.tensorize import Rule, TensorizePlan, _count_params, _resolve
+
+__all__ = [
+    "DEFAULT_CRS",
+    "BudgetPlan",
+    "CompressibilityMap",
+    "LayerCurve",
+    "Option",
+    "budget_plan",
+    "compressibility_map",
+    "every_layer_plan",
+    "layer_curves",
+]
+
+DEFAULT_CRS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# The candidate caps of an MPO of three or more sites (each costs a TT-SVD): the caps these CRs give.
+_MPO_GRID = tuple(k / 50 for k in range(1, 50))
+
+
+@dataclass(frozen=True)
+class Option:
+    """One choice of ranks for a layer: what it keeps and what it loses."""
+
+    ranks: tuple[int, ...]
+    params: int
+    error: float
+
+
+class LayerCurve:
+    """One layer's error (relative, no training) as a function of its ranks, from one decomposition of its weight."""
+
+    def __init__(self, name: str, module: nn.Module, rule: Rule, site_dims: tuple | None = None) -> None:
+        self.name, self.format, self.sites = name, rule.format, rule.sites
+        self.module_type = type(module).__name__
+        self.shape = list(module.weight.shape)
+        self.weight_params = module.weight.numel()
+        self._memo: dict[tuple[int, ...], float] = {}
+        with torch.no_grad():
+            if self.format == "tucker":
+                self._init_tucker(module.weight.detach().double())
+            else:
+                w = dense_weight_io(module)[0].double()
+                if self.format == "lowrank":
+                    self._tail = truncation_errors(torch.linalg.svdvals(w))
+                else:
+                    self._init_mpo(w, site_dims)
+
+    def _init_tucker(self, kernel: torch.Tensor) -> None:
+        c_out, c_in, *ksize = kernel.shape
+        self._tucker_shape = (c_out, c_in, tuple(ksize))
+        u_out = torch.linalg.svd(kernel.reshape(c_out, -1), full_matrices=False)[0]
+        u_in = torch.linalg.svd(kernel.transpose(0, 1).reshape(c_in, -1), full_matrices=False)[0]
+        # The kernel in the HOSVD bases: the energy HOSVD keeps at ranks (a, b) is the sum of its [:a, :b] block.
+        rotated = torch.einsum("oi...,oa,ib->ab...", kernel, u_out, u_in)
+        energy = (rotated**2).reshape(*rotated.shape[:2], -1).sum(-1)
+        self._kept = energy.cumsum(0).cumsum(1)
+        self._total = float((kernel**2).sum())
+
+    def _init_mpo(self, w: torch.Tensor, site_dims: tuple | None) -> None:
+        self.in_dims, self.out_dims = site_dims
+        self._weight = w
+        if len(self.in_dims) == 2:
+            (i1, i2), (o1, o2) = self.in_dims, self.out_dims
+            # The two-site MPO is the truncated SVD of the (i1 o1) x (i2 o2) regrouping.
+            unfolded = w.reshape(i1, i2, o1, o2).permute(0, 2, 1, 3).reshape(i1 * o1, i2 * o2)
+            self._tail = truncation_errors(torch.linalg.svdvals(unfolded))
+
+    def ranks_for_cr(self, cr: float) -> list[int]:
+        """The ranks the format's CR rule gives (``tensorize`` with ``cr=...``); RankError when out of reach."""
+        if self.format == "tucker":
+            c_out, c_in, ksize = self._tucker_shape
+            return list(tucker2_ranks(c_out, c_in, ksize, cr=cr))
+        if self.format == "lowrank":
+            return [lowrank_rank_for_cr(*self._io(), cr=cr)]
+        return mpo_bond_dims(self.in_dims, self.out_dims, cr=cr)
+
+    def _io(self) -> tuple[int, int]:
+        return (self.shape[1], self.shape[0]) if self.module_type == "Linear" else (self.shape[0], self.shape[1])
+
+    def params(self, ranks: list[int] | tuple[int, ...]) -> int:
+        """Parameters of the factors at these ranks."""
+        if self.format == "tucker":
+            c_out, c_in, ksize = self._tucker_shape
+            return tucker2_params(c_out, c_in, ksize, ranks)
+        if self.format == "lowrank":
+            return lowrank_params(*self._io(), ranks[0])
+        return mpo_params(self.in_dims, self.out_dims, ranks)
+
+    def error(self, ranks: list[int] | tuple[int, ...]) -> float:
+        """Relative Frobenius error of the format's decomposition at these ranks (as ``tensorize`` reports it)."""
+        key = tuple(int(r) for r in ranks)
+        if key not in self._memo:
+            self._memo[key] = self._error(key)
+        return self._memo[key]
+
+    def _error(self, ranks: tuple[int, ...]) -> float:
+        if self.format == "tucker":
+            if self._total == 0:
+                return 0.0
+            a, b = min(ranks[0], self._kept.shape[0]), min(ranks[1], self._kept.shape[1])
+            return math.sqrt(max(0.0, 1.0 - float(self._kept[a - 1, b - 1]) / self._total))
+        if self.format == "lowrank" or len(self.in_dims) == 2:
+            return float(self._tail[min(ranks[0], len(self._tail) - 1)]) if ranks else 0.0
+        cores = mpo_from_matrix(self._weight.float(), self.in_dims, self.out_dims, bond_dim=list(ranks))
+        w = self._weight.float()
+        return float(torch.linalg.norm(mpo_to_matrix(cores) - w) / torch.linalg.norm(w).clamp_min(1e-30))
+
+    def option(self, ranks: list[int] | tuple[int, ...]) -> Option:
+        return Option(tuple(int(r) for r in ranks), self.params(ranks), self.error(ranks))
+
+    def options(self) -> list[Option]:
+        """The candidate ranks that compress (fewer parameters than the weight), by parameters ascending."""
+        if self.format == "tucker":
+            c_out, c_in, _ = self._tucker_shape
+            big, small = max(c_out, c_in), min(c_out, c_in)
+            cands = []
+            for r_small in range(1, small + 1):  # the CR rule's family: ranks proportional to the channels
+                r_big = max(1, min(big, round(r_small * big / small)))
+                cands.append((r_big, r_small) if c_out >= c_in else (r_small, r_big))
+        elif self.format == "lowrank":
+            cands = [(r,) for r in range(1, min(self._io()) + 1)]
+        elif len(self.in_dims) == 2:
+            cands = [(b,) for b in range(1, mpo_max_bond_dims(self.in_dims, self.out_dims)[0] + 1)]
+        else:
+            cands = []
+            for cr in _MPO_GRID:
+                try:
+                    cands.append(tuple(self.ranks_for_cr(cr)))
+                except RankError:
+                    continue
+        unique = sorted({c for c in cands if self.params(c) < self.weight_params}, key=self.params)
+        return [self.option(c) for c in unique]
+
+
+def every_layer_plan(
+    model: nn.Module, linear: str = "mpo", conv: str | None = "tucker", sites: int = 2
+) -> TensorizePlan:
+    """A plan that takes every ``nn.Linear`` / Hugging Face ``Conv1D`` (format ``linear``) and every ungrouped
+    ``nn.Conv2d`` (format ``conv``; None leaves them out), exactly (no CR): the input of a compressibility map."""
+    lin = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_hf_conv1d(m)]
+    cnv = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1] if conv else []
+    rules = [
+        Rule("|".join(map(re.escape, names)), fmt, sites=sites) for names, fmt in ((lin, linear), (cnv, conv)) if names
+    ]
+    if not rules:
+        raise ValueError("the model has no nn.Linear, Conv1D or nn.Conv2d to tensorize")
+    return TensorizePlan(rules=rules)
+
+
+def layer_curves(model: nn.Module, plan: TensorizePlan) -> list[LayerCurve]:
+    """A :class:`LayerCurve` for every layer the plan selects (its patterns, formats and sites; its CRs are ignored)."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model has no weights (meta device): a compressibility map needs the real weights")
+    return [LayerCurve(t.name, t.module, t.rule, t.site_dims) for t in _resolve(model, _exact(plan))]
+
+
+# --------------------------------------------------------------------------------------------------- map
+
+
+@dataclass
+class MapCell:
+    """One layer at one asked CR."""
+
+    layer: str
+    format: str
+    cr: float
+    ranks: list[int] | None
+    """None where the CR is out of reach for this layer."""
+    factor_params: int | None
+    achieved_cr: float | None
+    rel_error: float | None
+
+
+@dataclass
+class CompressibilityMap:
+    """Every selected layer's error at every asked CR (the CR rule's ranks, no training)."""
+
+    crs: list[float]
+    layers: list[str]
+    cells: list[MapCell]
+
+    def matrix(self) -> torch.Tensor:
+        """``(layers, crs)`` relative errors, NaN where out of reach."""
+        grid = torch.full((len(self.layers), len(self.crs)), float("nan"), dtype=torch.float64)
+        for c in self.cells:
+            if c.rel_error is not None:
+                grid[self.layers.index(c.layer), self.crs.index(c.cr)] = c.rel_error
+        return grid
+
+    def to_csv(self, path: str | Path) -> None:
+        """One row per layer and CR: layer, format, cr, ranks, factor_params, achieved_cr, rel_error."""
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["layer", "format", "cr", "ranks", "factor_params", "achieved_cr", "rel_error"])
+            for c in self.cells:
+                writer.writerow([
+                    c.layer, c.format, c.cr, "" if c.ranks is None else " ".join(map(str, c.ranks)),
+                    "" if c.factor_params is None else c.factor_params,
+                    "" if c.achieved_cr is None else f"{c.achieved_cr:.4f}",
+                    "" if c.rel_error is None else f"{c.rel_error:.6g}",
+                ])  # fmt: skip
+
+    def heatmap(self, path: str | Path, title: str = "") -> None:
+        """Layers (rows) by CR (columns), coloured by relative error; grey where out of reach."""
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+
+        grid = self.matrix().numpy()
+        fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(self.crs), 1.5 + 0.28 * len(self.layers)))
+        cmap = plt.get_cmap("magma_r").with_extremes(bad="0.8")
+        image = ax.imshow(
+            grid, aspect="auto", cmap=cmap, vmin=0.0, vmax=max(1e-12, float(torch.nan_to_num(self.matrix()).max()))
+        )
+        ax.set_xticks(range(len(self.crs)), [f"{c:g}" for c in self.crs])
+        ax.set_yticks(range(len(self.layers)), self.layers, fontsize=7)
+        ax.set_xlabel("CR (fraction of the layer's parameters removed)")
+        if len(self.layers) * len(self.crs) <= 400:
+            for (i, j), value in _cells(grid):
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if value > 0.5 * image.norm.vmax else "black",
+                )
+        fig.colorbar(image, ax=ax, label="relative error ||W - W_hat|| / ||W||")
+        ax.set_title(title or "compressibility map (no training)")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+
+
+def _cells(grid) -> list[tuple[tuple[int, int], float]]:
+    return [((i, j), float(v)) for i, row in enumerate(grid) for j, v in enumerate(row) if v == v]  # v == v: not NaN
+
+
+def compressibility_map(
+    model: nn.Module,
+    plan: TensorizePlan,
+    crs: tuple[float, ...] | list[float] = DEFAULT_CRS,
+    curves: list[LayerCurve] | None = None,
+) -> CompressibilityMap:
+    """The error of every layer the plan selects at every CR in ``crs``, without training.
+
+    Args:
+        model: The dense model (real weights).
+        plan: Which layers, in which format (and sites); its CRs are ignored. :func:`every_layer_plan` takes all.
+        crs: The per-layer CRs to evaluate.
+        curves: The layers' curves when already computed (:func:`layer_curves`).
+    """
+    crs = [check_cr(c) for c in crs]
+    curves = curves if curves is not None else layer_curves(model, plan)
+    cells = []
+    for curve in curves:
+        for cr in crs:
+            try:
+                ranks = curve.ranks_for_cr(cr)
+            except RankError:
+                cells.append(MapCell(curve.name, curve.format, cr, None, None, None, None))
+                continue
+            opt = curve.option(ranks)
+            cells.append(
+                MapCell(
+                    curve.name,
+                    curve.format,
+                    cr,
+                    list(opt.ranks),
+                    opt.params,
+                    1 - opt.params / curve.weight_params,
+                    opt.error,
+                )
+            )
+    return CompressibilityMap(crs, [c.name for c in curves], cells)
+
+
+# ------------------------------------------------------------------------------------------------ budget
+
+
+@dataclass
+class BudgetPlan:
+    """A plan that meets a whole-model parameter budget, and the uniform plan (one CR for every layer) beside it."""
+
+    plan: TensorizePlan
+    """One rule per layer, with explicit ranks (``rank`` / ``bond_dim``)."""
+    budget: int
+    """The most parameters the whole compressed model may have."""
+    params_before: int
+    params_after: int
+    total_error: float
+    """Sum over the layers of the relative error."""
+    uniform_cr: float | None
+    """The per-layer CR that meets the same budget uniformly; None when some layer cannot reach it."""
+    uniform_plan: TensorizePlan | None
+    uniform_params_after: int | None
+    uniform_error: float | None
+    layers: list[dict] = field(default_factory=list)
+    """Per layer: name, format, ranks, params, cr, rel_error, and the uniform plan's ranks and rel_error."""
+
+    @property
+    def compression_rate(self) -> float:
+        return (self.params_before - self.params_after) / self.params_before
+
+    def to_yaml(self, path: str | Path) -> None:
+        """The plan as YAML (``plan:`` key), ready for ``tnlit compress --config`` or ``tnlit report --config``."""
+        import yaml
+
+        rules = [{k: v for k, v in dataclasses.asdict(r).items() if v is not None} for r in self.plan.rules]
+        atomic_text(path, yaml.safe_dump({"plan": {"rules": rules}}, sort_keys=False))
+
+    def __str__(self) -> str:
+        lines = [
+            f"budget {self.budget:,} parameters (of {self.params_before:,}): budgeted plan {self.params_after:,} "
+            f"(whole-model CR {self.compression_rate:.4f}), total relative error {self.total_error:.4f}"
+        ]
+        if self.uniform_cr is not None:
+            lines.append(
+                f"uniform plan (every layer at CR {self.uniform_cr:.4f}): {self.uniform_params_after:,} parameters, "
+                f"total relative error {self.uniform_error:.4f}"
+            )
+        return "\n".join(lines)
+
+
+def _pareto(options: list[Option]) -> list[Option]:
+    """Options by parameters ascending, each with a lower error than every cheaper one."""
+    out: list[Option] = []
+    for o in sorted(options, key=lambda o: (o.params, o.error)):
+        if not out or o.error < out[-1].error:
+            out.append(o)
+    return out
+
+
+def _lower_hull(points: list[Option]) -> list[Option]:
+    """The lower convex hull of a Pareto curve: the steps of diminishing error per parameter, which greed walks."""
+    hull: list[Option] = []
+    for p in points:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            cross = (b.params - a.params) * (p.error - a.error) - (b.error - a.error) * (p.params - a.params)
+            if cross > 0:
+                break
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def _greedy(frontiers: list[list[Option]], room: int) -> list[Option]:
+    """Start every layer at its cheapest option, then take hull steps by error saved per parameter while they fit."""
+    hulls = [_lower_hull(f) for f in frontiers]
+    pos = [0] * len(hulls)
+    spent = sum(h[0].params for h in hulls)
+    heap = []
+
+    def push(i: int) -> None:
+        if pos[i] + 1 < len(hulls[i]):
+            a, b = hulls[i][pos[i]], hulls[i][pos[i] + 1]
+            heapq.heappush(heap, (-(a.error - b.error) / (b.params - a.params), i))
+
+    for i in range(len(hulls)):
+        push(i)
+    while heap:
+        _, i = heapq.heappop(heap)
+        cost = hulls[i][pos[i] + 1].params - hulls[i][pos[i]].params
+        if spent + cost <= room:
+            spent += cost
+            pos[i] += 1
+            push(i)
+    return [h[p] for h, p in zip(hulls, pos)]
+
+
+def _fill(alloc: list[Option], frontiers: list[list[Option]], room: int) -> list[Option]:
+    """Spend what is left: repeatedly upgrade the layer whose best affordable option saves the most error."""
+    alloc = list(alloc)
+    params = [[o.params for o in f] for f in frontiers]
+    while True:
+        spent = sum(o.params for o in alloc)
+        best, gain = None, 0.0
+        for i, f in enumerate(frontiers):
+            j = bisect.bisect_right(params[i], room - spent + alloc[i].params) - 1
+            if j >= 0 and alloc[i].error - f[j].error > gain:
+                best, gain = (i, f[j]), alloc[i].error - f[j].error
+        if best is None:
+            return alloc
+        alloc[best[0]] = best[1]
+
+
+def _rule(curve: LayerCurve, source: Rule, ranks: tuple[int, ...]) -> Rule:
+    pattern = re.escape(curve.name)
+    if curve.format == "tucker":
+        return Rule(pattern, "tucker", rank=list(ranks))
+    if curve.format == "lowrank":
+        return Rule(pattern, "lowrank", rank=int(ranks[0]))
+    return Rule(pattern, "mpo", bond_dim=list(ranks), sites=source.sites)
+
+
+def budget_plan(
+    model: nn.Module,
+    plan: TensorizePlan,
+    *,
+    cr: float | None = None,
+    params: int | None = None,
+    curves: list[LayerCurve] | None = None,
+) -> BudgetPlan:
+    """Allocate ranks across the plan's layers so that the whole model meets a parameter budget at least error.
+
+    The budget is the compressed model's total parameters, ``params``, or a whole-model CR (``cr``: the fraction of
+    all the model's parameters removed). Layers outside the plan stay dense and count in full. Every layer of the plan
+    is tensorized; its candidate ranks are the format's (every bond dimension of a two-site MPO, every rank of a
+    low-rank matrix, the proportional Tucker-2 pairs, the CR rule's caps for longer MPOs). The allocation walks the
+    lower convex hull of every layer's error-against-parameters curve greedily, best error saved per parameter first,
+    then spends any remainder on the best single upgrades. The uniform plan (every layer at the one CR that meets the
+    same budget) is computed beside it; where it would do better, the allocation starts from it instead, so the
+    budgeted plan never has a higher total error than the uniform one.
+    """
+    if (cr is None) == (params is None):
+        raise ValueError(
+            "give the budget as either cr (whole-model CR) or params (total parameters), not both or neither"
+        )
+    curves = curves if curves is not None else layer_curves(model, plan)
+    before = _count_params(model)
+    budget = int(params) if params is not None else math.floor((1.0 - check_cr(cr)) * before)
+    dense = sum(c.weight_params for c in curves)
+    room = budget - (before - dense)  # what the tensorized layers' factors may use
+    frontiers = [_pareto(c.options()) for c in curves]
+    stuck = [c.name for c, f in zip(curves, frontiers) if not f]
+    if stuck:
+        raise ValueError(
+            f"no rank of their format compresses these layers: {', '.join(stuck)}; exclude them from the plan"
+        )
+    least = sum(f[0].params for f in frontiers)
+    if room < least:
+        best = before - dense + least
+        raise ValueError(
+            f"a budget of {budget:,} parameters is out of reach: the layers outside the plan keep {before - dense:,} "
+            f"and the plan's layers need at least {least:,} (whole-model CR {1 - best / before:.4f} at most); ask for "
+            f"at least {best:,} parameters"
+        )
+    if room >= dense:
+        raise ValueError(
+            f"a budget of {budget:,} parameters keeps every layer of the plan dense ({before:,} parameters in all): "
+            "ask for fewer parameters (a higher CR)"
+        )
+    uniform_cr = 1.0 - room / dense
+    try:
+        uniform = [c.option(c.ranks_for_cr(uniform_cr)) for c in curves]
+    except RankError:
+        uniform = None
+    if uniform is not None and sum(o.params for o in uniform) > room:  # round-off at the budget's edge
+        uniform = None
+    alloc = _fill(_greedy(frontiers, room), frontiers, room)
+    if uniform is not None and sum(o.error for o in uniform) < sum(o.error for o in alloc):
+        alloc = _fill(uniform, frontiers, room)
+
+    source = {t.name: t.rule for t in _resolve(model, _exact(plan))}
+    result = TensorizePlan(rules=[_rule(c, source[c.name], o.ranks) for c, o in zip(curves, alloc)])
+    layers = [
+        {"name": c.name, "format": c.format, "ranks": list(o.ranks), "params": o.params,
+         "cr": 1 - o.params / c.weight_params, "rel_error": o.error,
+         "uniform_ranks": None if uniform is None else list(u.ranks),
+         "uniform_rel_error": None if uniform is None else u.error}
+        for c, o, u in zip(curves, alloc, uniform or [None] * len(curves))
+    ]  # fmt: skip
+    fixed = before - dense
+    return BudgetPlan(
+        plan=result, budget=budget, params_before=before, params_after=fixed + sum(o.params for o in alloc),
+        total_error=sum(o.error for o in alloc), uniform_cr=None if uniform is None else uniform_cr,
+        uniform_plan=None if uniform is None else _uniform(plan, uniform_cr),
+        uniform_params_after=None if uniform is None else fixed + sum(o.params for o in uniform),
+        uniform_error=None if uniform is None else sum(o.error for o in uniform), layers=layers,
+    )  # fmt: skip
+
+
+def _exact(plan: TensorizePlan) -> TensorizePlan:
+    rules = [dataclasses.replace(r, cr=None, rank=None, bond_dim=None) for r in plan.rules]
+    return TensorizePlan(rules=rules, exclude=list(plan.exclude))
+
+
+def _uniform(plan: TensorizePlan, cr: float) -> TensorizePlan:
+    rules = [dataclasses.replace(r, cr=cr, rank=None, bond_dim=None) for r in plan.rules]
+    return TensorizePlan(rules=rules, exclude=list(plan.exclude))
