@@ -65,10 +65,11 @@ def report(
 
 def _commands() -> dict:
     """tnlit's own subcommands: a function each, whose signature and docstring make the options and help."""
+    from tnlit.inspect_command import inspect
     from tnlit.pipeline import compress
     from tnlit.quickstart import quickstart
 
-    return {"report": report, "compress": compress, "quickstart": quickstart}
+    return {"report": report, "compress": compress, "quickstart": quickstart, "inspect": inspect}
 
 
 def build_parser() -> ArgumentParser:

@@ -1,0 +1,267 @@
+"""``tnlit inspect``: bond spectra, entropies, the compressibility map, a budgeted plan and bond activations of a
+compressed model, written under ``results/`` with a provenance sidecar.
+
+The model comes from a ``tnlit compress`` run directory (the teacher rebuilt from ``config.json``, tensorized by
+its plan, then loaded with the trained ``student.safetensors``) or from a model name and a plan (the factors
+straight from the decompositions, as ``tnlit report`` makes them).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import nn
+
+from tnlit.atomic import atomic_path
+from tnlit.bond_activations import bond_activations, find_layer, top_activating
+from tnlit.compressibility import DEFAULT_CRS, budget_plan, compressibility_map, layer_curves
+from tnlit.formats.ranks import check_cr
+from tnlit.inspect import (
+    bond_dims,
+    format_bond_table,
+    model_bond_stats,
+    plot_spectra,
+    write_bonds_csv,
+    write_spectra_csv,
+)
+from tnlit.tensorize import TensorizePlan, tensorize
+
+__all__ = ["inspect", "load_run"]
+
+
+def load_run(run_dir: Path) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """``(teacher, student, config)`` of a finished ``tnlit compress`` run directory.
+
+    The student is rebuilt as the run built it (the teacher by name and weights, tensorized by the run's plan, so
+    that every factor has the shape the run trained) and then given the trained weights of ``student.safetensors``.
+    """
+    from safetensors.torch import load_model
+
+    from tnlit.pipeline import load_teacher
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist: give the run_dir of a tnlit compress run")
+    config_file, student_file = run_dir / "config.json", run_dir / "student.safetensors"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a tnlit compress run directory (no config.json): give the run_dir of a compress run"
+        )
+    if not student_file.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no student.safetensors: its run has not finished; rerun the same tnlit compress command "
+            "to finish it (it resumes), then inspect it"
+        )
+    config = json.loads(config_file.read_text())
+    # Seeded as compress seeds it, so that a teacher without weights file is the run's own initialisation.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.get("seed", 0))
+        teacher = load_teacher(config["teacher"], config.get("teacher_weights")).eval()
+    student, _ = tensorize(teacher, TensorizePlan(**config["plan"]))
+    try:
+        load_model(student, str(student_file), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{student_file} does not fit the student its config.json describes: {err}") from err
+    return teacher, student.eval(), config
+
+
+def _datamodule(spec: dict[str, Any]) -> LightningDataModule:
+    """The run's DataModule from its config's ``class_path`` and ``init_args``."""
+    import importlib
+
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+
+def _decoder(decode: str, data: LightningDataModule) -> Any:
+    if decode == "bytes":
+        from tnlit.data.offline import decode_bytes
+
+        return decode_bytes
+    if decode == "auto":
+        return getattr(data, "decode", None)
+    return None
+
+
+def inspect(
+    run_dir: Path | None = None,
+    model: str | None = None,
+    plan: TensorizePlan | None = None,
+    pretrained: bool = False,
+    name: str | None = None,
+    out_dir: Path = Path("results"),
+    layers: str | None = None,
+    compressibility: bool = False,
+    crs: list[float] = list(DEFAULT_CRS),  # noqa: B006 - never mutated
+    budget_cr: float | None = None,
+    layer: str | None = None,
+    bond: int = 0,
+    direction: int = 0,
+    top_k: int = 10,
+    batches: int = 1,
+    data: LightningDataModule | None = None,
+    decode: Literal["auto", "ids", "bytes"] = "auto",
+) -> dict[str, Any]:
+    """Inspect the bonds of a compressed model: spectra, entropies, compressibility map, budgeted plan, activations.
+
+    Writes under out_dir: <name>_bonds.csv (per bond: dim, entropy, ln dim, effective rank at 99% energy, truncation
+    error at half and a quarter of the bond, leading weight), <name>_spectra.csv (every singular value),
+    <name>_spectra.png, optionally <name>_compressibility.csv/.png, <name>_budget_plan.yaml and <name>_top_*.csv, and
+    <name>_inspect.provenance.json; prints the bond table.
+
+    Args:
+        run_dir: A tnlit compress run directory (finished: it holds student.safetensors). Give this or model.
+        model: Instead of a run: a model name (as tnlit report takes), tensorized by plan without training.
+        plan: The tensorization plan, with model (a run directory uses its own).
+        pretrained: Load pretrained weights for a torchvision model name.
+        name: The results' file name prefix; default: the run directory's name, or the model name.
+        out_dir: Where the results go.
+        layers: A regex (full match) over the tensorized layers' names to inspect; default: all of them.
+        compressibility: Also write the compressibility map of the dense model's planned layers: the relative error
+            of each at each CR in crs, without training (CSV and heatmap).
+        crs: The per-layer CRs of the compressibility map.
+        budget_cr: Also allocate ranks across the plan's layers for this whole-model CR (fraction of all the model's
+            parameters removed) at least total error, write the plan as YAML and compare it with the uniform plan.
+        layer: Also report the inputs that excite one bond direction most: the tensorized layer's name.
+        bond: The bond of that layer (MPO: 0 joins cores 0 and 1; Tucker-2: 0 is the output rank space, 1 the input
+            one), read in its singular (Schmidt) basis.
+        direction: The bond direction (0: the one with the largest singular value).
+        top_k: How many inputs to report.
+        batches: How many test batches to run through the model for the activations.
+        data: The DataModule whose test batches feed the activations; default: the run's own (from config.json).
+        decode: How to show text tokens: auto (the DataModule's decode method if it has one, else ids), ids, or
+            bytes (byte-level models such as tiny-gpt2-bytes).
+    """
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in ("data", "plan")}
+    from tnlit.provenance import write_provenance
+
+    if (run_dir is None) == (model is None):
+        raise ValueError("give either run_dir (a tnlit compress run) or model and plan, not both or neither")
+    if model is not None and plan is None:
+        raise ValueError(f"model {model!r} needs a plan (--plan.rules ...): which layers to tensorize, and how")
+    if run_dir is not None and plan is not None:
+        raise ValueError("a run directory brings its own plan (config.json): drop --plan, or use --model with it")
+    crs = [check_cr(c) for c in crs]
+    if budget_cr is not None:
+        check_cr(budget_cr)
+    if top_k < 1 or batches < 1:
+        raise ValueError(f"top_k and batches must be at least 1, got {top_k} and {batches}")
+
+    config: dict[str, Any] = {}
+    if run_dir is not None:
+        teacher, student, config = load_run(Path(run_dir))
+        plan = TensorizePlan(**config["plan"])
+        name = name or Path(run_dir).resolve().name
+    else:
+        from tnlit.models import load_model
+
+        teacher = load_model(model, pretrained=pretrained).eval()
+        student, _ = tensorize(teacher, plan)
+        student.eval()
+        name = name or _safe(Path(model).name)
+    if layer is not None:  # check the choice before any work is done or any file written
+        dim = bond_dims(find_layer(student, layer, bond))[bond]
+        if not 0 <= direction < dim:
+            raise ValueError(f"direction {direction} is out of range for bond {bond} of {layer!r} (dimension {dim})")
+        if data is None and "data" not in config:
+            raise ValueError("bond activations need input data: give --data (a DataModule), or inspect a run directory")
+
+    out_dir = Path(out_dir)
+    files: list[Path] = []
+    stats = model_bond_stats(student, layers)
+    for path, write in (
+        (out_dir / f"{name}_bonds.csv", write_bonds_csv),
+        (out_dir / f"{name}_spectra.csv", write_spectra_csv),
+    ):
+        write(stats, path)
+        files.append(path)
+    plot_spectra(stats, out_dir / f"{name}_spectra.png", title=name)
+    files.append(out_dir / f"{name}_spectra.png")
+    print(format_bond_table(stats))
+    result: dict[str, Any] = {"bonds": [s.row() for s in stats]}
+
+    if compressibility or budget_cr is not None:
+        curves = layer_curves(teacher, plan)
+        if compressibility:
+            cmap = compressibility_map(teacher, plan, crs, curves=curves)
+            cmap.to_csv(out_dir / f"{name}_compressibility.csv")
+            cmap.heatmap(out_dir / f"{name}_compressibility.png", title=f"{name}: compressibility (no training)")
+            files += [out_dir / f"{name}_compressibility.csv", out_dir / f"{name}_compressibility.png"]
+        if budget_cr is not None:
+            budget = budget_plan(teacher, plan, cr=budget_cr, curves=curves)
+            budget.to_yaml(out_dir / f"{name}_budget_plan.yaml")
+            files.append(out_dir / f"{name}_budget_plan.yaml")
+            print(budget)
+            result["budget"] = {
+                "budget": budget.budget, "params_after": budget.params_after, "total_error": budget.total_error,
+                "uniform_cr": budget.uniform_cr, "uniform_params_after": budget.uniform_params_after,
+                "uniform_error": budget.uniform_error, "layers": budget.layers,
+            }  # fmt: skip
+
+    if layer is not None:
+        data = data if data is not None else _datamodule(config["data"])
+        rows = _top_inputs(student, data, layer, bond, direction, top_k, batches, _decoder(decode, data))
+        path = out_dir / f"{name}_top_{_safe(layer)}_b{bond}_d{direction}.csv"
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["rank", "index", "score", "input"])
+            writer.writeheader()
+            writer.writerows(rows)
+        files.append(path)
+        print(f"\ntop {len(rows)} inputs of {layer} bond {bond} direction {direction}:")
+        for row in rows:
+            print(f"  {row['score']:.4g}  {row['input']}")
+        result["top"] = rows
+
+    prov = out_dir / f"{name}_inspect.provenance.json"
+    write_provenance(
+        prov, {"options": options, "plan": _plain_plan(plan), "run_config": config, "files": [str(f) for f in files]}
+    )
+    files.append(prov)
+    print("\nwrote " + ", ".join(str(f) for f in files))
+    result["files"] = [str(f) for f in files]
+    return result
+
+
+def _safe(text: str) -> str:
+    """``text`` as a file name part: runs of anything but letters, digits, ``.``, ``-`` and ``_`` become ``_``."""
+    return re.sub(r"[^\w.-]+", "_", text)
+
+
+def _plain_plan(plan: TensorizePlan) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(plan)
+
+
+@torch.no_grad()
+def _top_inputs(
+    student: nn.Module,
+    data: LightningDataModule,
+    layer: str,
+    bond: int,
+    direction: int,
+    top_k: int,
+    batches: int,
+    decode: Any,
+) -> list[dict[str, object]]:
+    """Run ``batches`` test batches through the student and rank the inputs by their score on the bond direction."""
+    from tnlit.activations import batch_input
+
+    data.prepare_data()
+    data.setup("test")
+    seen = []
+    with bond_activations(student, layer, bond) as capture:
+        for i, batch in enumerate(data.test_dataloader()):
+            if i == batches:
+                break
+            x = batch_input(batch)
+            seen.append(x)
+            student(x)
+    tokens = torch.cat(seen) if seen and not seen[0].is_floating_point() else None
+    return top_activating(capture, direction, top_k, tokens=tokens, decode=decode)
