@@ -102,6 +102,22 @@ def test_crash_in_a_slice_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_a_non_finite_loss_stops_its_slice_and_marks_nothing_done(tmp_path, monkeypatch):
+    losses = SliceDistillation.slice_losses
+
+    def nan_in_second_slice(self, batch):
+        out = losses(self, batch)
+        return {k: v * float("nan") if k == "transformer.h.1.mlp" else v for k, v in out.items()}
+
+    monkeypatch.setattr(SliceDistillation, "slice_losses", nan_in_second_slice)
+    with pytest.raises(FloatingPointError, match="transformer.h.1.mlp"):
+        run(tmp_path / "run", slicewise=SliceSettings(mode="serial", serial_source="teacher", epochs=1))
+    assert (tmp_path / "run/slices/transformer.h.0.mlp.safetensors").exists()
+    assert not (tmp_path / "run/slices/transformer.h.1.mlp.safetensors").exists()
+    state = json.loads((tmp_path / "run/state.json").read_text())
+    assert "done" not in state and "slicewise" not in state.get("metrics", {})
+
+
 def test_damaged_checkpoint_is_said_and_not_used(tmp_path):
     run(tmp_path / "clean")
     ckpt = tmp_path / "run/ckpt/slice_transformer.h.0.mlp/last.ckpt"
