@@ -24,6 +24,7 @@ interrupted one completed; a finished run only reports.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -52,6 +53,16 @@ from tnlit.slices import Slice, SliceModule, make_slices
 from tnlit.tensorize import TensorizePlan, tensorize
 
 __all__ = ["FinetuneSettings", "LogSettings", "RunDirError", "SliceSettings", "compress", "load_teacher"]
+
+
+class _NoAdvert(logging.Filter):
+    """Lightning advertises a cloud logger each time a Trainer starts: a hybrid or serial run starts several."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
 
 Task = Literal["classification", "causal_lm"]
 Method = Literal["slicewise", "global", "hybrid"]
@@ -206,7 +217,7 @@ def compress(
     if method != "global":
         _check_slice_settings(slicewise)  # before the run directory is touched
     _refuse_another_config(run_dir, config, overwrite)  # in seconds, before the teacher loads
-    seed_everything(seed, workers=True)
+    seed_everything(seed, workers=True, verbose=False)
 
     model = load_teacher(teacher, teacher_weights).eval()
     # A plan or a granularity that does not fit the model fails here, in seconds, and before the run directory
@@ -547,7 +558,7 @@ def _fit(
 ) -> None:  # fmt: skip
     """Train one phase, resuming from its last epoch checkpoint when there is one; ``evaluate`` (the student's
     metric) is called after every epoch when given."""
-    seed_everything(seed, workers=True)  # the same data order in every phase and mode
+    seed_everything(seed, workers=True, verbose=False)  # the same data order in every phase and mode
     ckpt_dir = run_dir / "ckpt" / phase.replace(":", "_")
     last = ckpt_dir / "last.ckpt"
     callbacks = [_epoch_checkpoint(ckpt_dir), timer := _OptimisationTimer(state, phase, run_dir)]
@@ -558,10 +569,12 @@ def _fit(
         logger=loggers.for_phase(phase),
         callbacks=callbacks,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        log_every_n_steps=10,
     )  # fmt: skip
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # Lightning vs torch 2.14
         trainer.fit(module, datamodule=data, ckpt_path=_usable_checkpoint(last), weights_only=True)
     timer.times["wall_s"] += time.perf_counter() - started
     _save_state(run_dir, state)
