@@ -132,3 +132,36 @@ def tiny_gpt2_bytes() -> nn.Module:
     return _gpt2(
         n_embd=128, n_layer=4, n_head=4, n_positions=256, vocab_size=256, bos_token_id=10, eos_token_id=10, **no_dropout
     )
+
+
+# The ResNet-34 tables (configs/resnet34): CIFAR-100 heads, narrower variants for smoke runs, the ImageNet teacher.
+
+
+@register_model("cifar100-resnet34")
+def cifar100_resnet34() -> nn.Module:
+    """The CIFAR ResNet-34 with a 100-class head (21.3M parameters): the CIFAR-100 teacher."""
+    from tnlit.models import resnet
+
+    return resnet.cifar_resnet34(num_classes=100, width=64)
+
+
+@register_model("cifar-resnet34-w8")
+def cifar_resnet34_w8() -> nn.Module:
+    """The CIFAR ResNet-34 topology at an eighth of the width (8..64, 0.33M parameters), 10 classes: smoke runs."""
+    from tnlit.models import resnet
+
+    return resnet.cifar_resnet34(num_classes=10, width=8)
+
+
+@register_model("cifar100-resnet34-w8")
+def cifar100_resnet34_w8() -> nn.Module:
+    """The CIFAR ResNet-34 topology at an eighth of the width, 100 classes: smoke runs of the CIFAR-100 configs."""
+    from tnlit.models import resnet
+
+    return resnet.cifar_resnet34(num_classes=100, width=8)
+
+
+@register_model("resnet34-imagenet1k")
+def resnet34_imagenet1k() -> nn.Module:
+    """torchvision's ResNet-34 with its IMAGENET1K_V1 weights (73.31 % top-1), from torch's cache or the network."""
+    return load_model("resnet34", pretrained=True)
