@@ -335,6 +335,8 @@ def test_budgeted_plan_meets_its_budget_with_no_higher_error_than_the_uniform_pl
         assert uniform_error == pytest.approx(result.uniform_error, abs=1e-4)
         assert ours_error <= uniform_error + 1e-6
         assert ours_error < 0.9 * uniform_error, "layers this different leave room to do better than uniform"
+        # No layer loses more than the uniform plan's worst layer (the default cap).
+        assert max(r.rel_error for r in ours.layers) <= max(r.rel_error for r in uniform.layers) + 1e-5
         spent = {row["name"]: row["cr"] for row in result.layers}
         assert spent["easy"] > spent["hard"], "the budget goes where it saves error"
     result.to_yaml(tmp_path / "plan.yaml")
@@ -344,7 +346,19 @@ def test_budgeted_plan_meets_its_budget_with_no_higher_error_than_the_uniform_pl
     assert estimate(model, TensorizePlan(rules)).params_after == result.params_after  # the YAML is the plan
 
 
+def test_budget_without_the_error_cap_still_meets_the_budget_and_beats_uniform():
+    model = Mixed()
+    capped, free = (budget_plan(model, MIXED_PLAN, cr=0.6, max_error=m) for m in (None, 1.0))
+    assert free.max_error == 1.0 and capped.max_error == pytest.approx(
+        max(r["uniform_rel_error"] for r in capped.layers)
+    )
+    assert estimate(model, free.plan).params_after == free.params_after <= free.budget
+    assert free.total_error <= capped.total_error <= capped.uniform_error
+
+
 def test_budget_out_of_reach_says_what_is_possible():
+    with pytest.raises(ValueError, match="within relative error 0.001"):
+        budget_plan(Mixed(), MIXED_PLAN, cr=0.3, max_error=0.001)
     with pytest.raises(ValueError, match="out of reach.*ask for at least"):
         budget_plan(Mixed(), MIXED_PLAN, cr=0.99)
     with pytest.raises(ValueError, match="either cr"):
@@ -397,6 +411,7 @@ def test_tucker_bond_activations_are_the_rank_space_channels():
     assert cap.vectors().shape == (3, 5, 5, 5) and cap.unit_ndim == 1
     assert [i for i, _ in cap.top(2, k=3)] == [(int(j),) for j in cap.scores(2).argsort(descending=True)]
     assert describe_unit((1,)) == "image 1"
+    assert describe_unit((1,), labels=torch.tensor([7, 3])) == "image 1 (label 3)"
 
 
 def test_top_activating_tokens_in_context():

@@ -333,6 +333,8 @@ class BudgetPlan:
     params_after: int
     total_error: float
     """Sum over the layers of the relative error."""
+    max_error: float | None
+    """The cap on any one layer's relative error that the allocation kept to (None: no cap)."""
     uniform_cr: float | None
     """The per-layer CR that meets the same budget uniformly; None when some layer cannot reach it."""
     uniform_plan: TensorizePlan | None
@@ -355,12 +357,14 @@ class BudgetPlan:
     def __str__(self) -> str:
         lines = [
             f"budget {self.budget:,} parameters (of {self.params_before:,}): budgeted plan {self.params_after:,} "
-            f"(whole-model CR {self.compression_rate:.4f}), total relative error {self.total_error:.4f}"
+            f"(whole-model CR {self.compression_rate:.4f}), total relative error {self.total_error:.4f}, "
+            f"worst layer {max(row['rel_error'] for row in self.layers):.4f}"
         ]
         if self.uniform_cr is not None:
             lines.append(
                 f"uniform plan (every layer at CR {self.uniform_cr:.4f}): {self.uniform_params_after:,} parameters, "
-                f"total relative error {self.uniform_error:.4f}"
+                f"total relative error {self.uniform_error:.4f}, worst layer "
+                f"{max(row['uniform_rel_error'] for row in self.layers):.4f}"
             )
         return "\n".join(lines)
 
@@ -443,6 +447,7 @@ def budget_plan(
     *,
     cr: float | None = None,
     params: int | None = None,
+    max_error: float | None = None,
     curves: list[LayerCurve] | None = None,
 ) -> BudgetPlan:
     """Allocate ranks across the plan's layers so that the whole model meets a parameter budget at least error.
@@ -450,11 +455,19 @@ def budget_plan(
     The budget is the compressed model's total parameters, ``params``, or a whole-model CR (``cr``: the fraction of
     all the model's parameters removed). Layers outside the plan stay dense and count in full. Every layer of the plan
     is tensorized; its candidate ranks are the format's (every bond dimension of a two-site MPO, every rank of a
-    low-rank matrix, the proportional Tucker-2 pairs, the CR rule's caps for longer MPOs). The allocation walks the
-    lower convex hull of every layer's error-against-parameters curve greedily, best error saved per parameter first,
-    then spends any remainder on the best single upgrades. The uniform plan (every layer at the one CR that meets the
-    same budget) is computed beside it; where it would do better, the allocation starts from it instead, so the
-    budgeted plan never has a higher total error than the uniform one.
+    low-rank matrix, the proportional Tucker-2 pairs, the CR rule's caps for longer MPOs).
+
+    The total error is the sum of the layers' relative errors (each layer counts once, whatever its size). Minimising
+    it alone would sacrifice layers: where spectra are nearly flat, a layer cut to rank 1 (error near 1) frees enough
+    parameters to lower several others' errors by more in sum, and a network may well not survive that. So no layer may
+    lose more than ``max_error``; by default the worst layer error of the uniform plan (every layer at the one CR that
+    meets the same budget), so that the budgeted plan's worst layer is no worse than the uniform plan's, and its total
+    no higher. ``max_error=1.0`` lifts the cap.
+
+    The allocation starts every layer at its cheapest allowed option and walks the lower convex hulls of the layers'
+    error-against-parameters curves greedily, most error saved per parameter first, then spends any remainder on the
+    best single upgrades; where the uniform plan's total is lower, it starts from the uniform plan instead, so the
+    budgeted total is never higher than the uniform one.
     """
     if (cr is None) == (params is None):
         raise ValueError(
@@ -464,21 +477,15 @@ def budget_plan(
     before = _count_params(model)
     budget = int(params) if params is not None else math.floor((1.0 - check_cr(cr)) * before)
     dense = sum(c.weight_params for c in curves)
-    room = budget - (before - dense)  # what the tensorized layers' factors may use
-    frontiers = [_pareto(c.options()) for c in curves]
-    stuck = [c.name for c, f in zip(curves, frontiers) if not f]
+    fixed = before - dense  # the layers outside the plan
+    room = budget - fixed  # what the tensorized layers' factors may use
+    options = [c.options() for c in curves]
+    stuck = [c.name for c, o in zip(curves, options) if not o]
     if stuck:
         raise ValueError(
             f"no rank of their format compresses these layers: {', '.join(stuck)}; exclude them from the plan"
         )
-    least = sum(f[0].params for f in frontiers)
-    if room < least:
-        best = before - dense + least
-        raise ValueError(
-            f"a budget of {budget:,} parameters is out of reach: the layers outside the plan keep {before - dense:,} "
-            f"and the plan's layers need at least {least:,} (whole-model CR {1 - best / before:.4f} at most); ask for "
-            f"at least {best:,} parameters"
-        )
+    _check_reach(budget, fixed, room, [min(o.params for o in opts) for opts in options], before, "")
     if room >= dense:
         raise ValueError(
             f"a budget of {budget:,} parameters keeps every layer of the plan dense ({before:,} parameters in all): "
@@ -491,9 +498,24 @@ def budget_plan(
         uniform = None
     if uniform is not None and sum(o.params for o in uniform) > room:  # round-off at the budget's edge
         uniform = None
+    if max_error is None and uniform is not None:
+        max_error = max(o.error for o in uniform)
+    cap = math.inf if max_error is None else max_error + 1e-12
+    frontiers = [_pareto([o for o in [*opts, *([u] if u else [])] if o.error <= cap])
+                 for opts, u in zip(options, uniform or [None] * len(curves))]  # fmt: skip
+    stuck = [c.name for c, f in zip(curves, frontiers) if not f]
+    if stuck:
+        raise ValueError(
+            f"no rank of their format keeps these layers within relative error {max_error}: {', '.join(stuck)}; "
+            "raise max_error"
+        )
+    within = "" if max_error is None else f" with no layer above relative error {max_error:.4f}"
+    _check_reach(budget, fixed, room, [f[0].params for f in frontiers], before, within)
+
     alloc = _fill(_greedy(frontiers, room), frontiers, room)
-    if uniform is not None and sum(o.error for o in uniform) < sum(o.error for o in alloc):
-        alloc = _fill(uniform, frontiers, room)
+    if uniform is not None and max(o.error for o in uniform) <= cap:
+        if sum(o.error for o in uniform) < sum(o.error for o in alloc):
+            alloc = _fill(uniform, frontiers, room)
 
     source = {t.name: t.rule for t in _resolve(model, _exact(plan))}
     result = TensorizePlan(rules=[_rule(c, source[c.name], o.ranks) for c, o in zip(curves, alloc)])
@@ -504,14 +526,26 @@ def budget_plan(
          "uniform_rel_error": None if uniform is None else u.error}
         for c, o, u in zip(curves, alloc, uniform or [None] * len(curves))
     ]  # fmt: skip
-    fixed = before - dense
     return BudgetPlan(
         plan=result, budget=budget, params_before=before, params_after=fixed + sum(o.params for o in alloc),
-        total_error=sum(o.error for o in alloc), uniform_cr=None if uniform is None else uniform_cr,
+        total_error=sum(o.error for o in alloc), max_error=max_error,
+        uniform_cr=None if uniform is None else uniform_cr,
         uniform_plan=None if uniform is None else _uniform(plan, uniform_cr),
         uniform_params_after=None if uniform is None else fixed + sum(o.params for o in uniform),
         uniform_error=None if uniform is None else sum(o.error for o in uniform), layers=layers,
     )  # fmt: skip
+
+
+def _check_reach(budget: int, fixed: int, room: int, least: list[int], before: int, within: str) -> None:
+    """Raise ValueError, saying what is possible, when even the cheapest allowed ranks exceed the budget."""
+    if room >= sum(least):
+        return
+    best = fixed + sum(least)
+    raise ValueError(
+        f"a budget of {budget:,} parameters is out of reach{within}: the layers outside the plan keep {fixed:,} and "
+        f"the plan's layers need at least {sum(least):,} (whole-model CR {1 - best / before:.4f} at most); ask for at "
+        f"least {best:,} parameters"
+    )
 
 
 def _exact(plan: TensorizePlan) -> TensorizePlan:

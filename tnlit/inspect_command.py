@@ -100,6 +100,7 @@ def inspect(
     compressibility: bool = False,
     crs: list[float] = list(DEFAULT_CRS),  # noqa: B006 - never mutated
     budget_cr: float | None = None,
+    budget_max_error: float | None = None,
     layer: str | None = None,
     bond: int = 0,
     direction: int = 0,
@@ -128,6 +129,8 @@ def inspect(
         crs: The per-layer CRs of the compressibility map.
         budget_cr: Also allocate ranks across the plan's layers for this whole-model CR (fraction of all the model's
             parameters removed) at least total error, write the plan as YAML and compare it with the uniform plan.
+        budget_max_error: The most relative error any one layer of the budgeted plan may have; default: the worst
+            layer error of the uniform plan at the same budget (1.0 lifts the cap).
         layer: Also report the inputs that excite one bond direction most: the tensorized layer's name.
         bond: The bond of that layer (MPO: 0 joins cores 0 and 1; Tucker-2: 0 is the output rank space, 1 the input
             one), read in its singular (Schmidt) basis.
@@ -194,12 +197,13 @@ def inspect(
             cmap.heatmap(out_dir / f"{name}_compressibility.png", title=f"{name}: compressibility (no training)")
             files += [out_dir / f"{name}_compressibility.csv", out_dir / f"{name}_compressibility.png"]
         if budget_cr is not None:
-            budget = budget_plan(teacher, plan, cr=budget_cr, curves=curves)
+            budget = budget_plan(teacher, plan, cr=budget_cr, max_error=budget_max_error, curves=curves)
             budget.to_yaml(out_dir / f"{name}_budget_plan.yaml")
             files.append(out_dir / f"{name}_budget_plan.yaml")
             print(budget)
             result["budget"] = {
                 "budget": budget.budget, "params_after": budget.params_after, "total_error": budget.total_error,
+                "max_error": budget.max_error,
                 "uniform_cr": budget.uniform_cr, "uniform_params_after": budget.uniform_params_after,
                 "uniform_error": budget.uniform_error, "layers": budget.layers,
             }  # fmt: skip
@@ -255,13 +259,16 @@ def _top_inputs(
 
     data.prepare_data()
     data.setup("test")
-    seen = []
+    seen, labels = [], []
     with bond_activations(student, layer, bond) as capture:
         for i, batch in enumerate(data.test_dataloader()):
             if i == batches:
                 break
             x = batch_input(batch)
             seen.append(x)
+            if isinstance(batch, (tuple, list)) and len(batch) > 1 and torch.is_tensor(batch[1]) and batch[1].ndim == 1:
+                labels.append(batch[1])  # (image, label) batches: show each image's label
             student(x)
     tokens = torch.cat(seen) if seen and not seen[0].is_floating_point() else None
-    return top_activating(capture, direction, top_k, tokens=tokens, decode=decode)
+    known = torch.cat(labels) if labels and len(labels) == len(seen) else None
+    return top_activating(capture, direction, top_k, tokens=tokens, decode=decode, labels=known)
