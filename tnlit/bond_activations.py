@@ -166,14 +166,16 @@ def describe_unit(
     tokens: torch.Tensor | None = None,
     decode: Callable[[list[int]], str] | None = None,
     context: int = 8,
+    labels: torch.Tensor | None = None,
 ) -> str:
-    """A readable name for a unit: ``image 17``, or for text the token in its context, ``...lef[[t]] righ...``.
+    """A readable name for a unit: ``image 17 (label 3)``, or for text the token in its context, ``...lef[[t]] rig...``.
 
     ``tokens`` are the model's input ids ``(sequences, positions)`` in the order the batches ran; ``decode`` turns a
-    list of ids into text (default: the ids, space separated).
+    list of ids into text (default: the ids, space separated); ``labels`` are the inputs' labels, when known.
     """
     if tokens is None or len(index) < 2:
-        return f"{'image' if len(index) == 1 else 'input'} {', '.join(map(str, index))}"
+        name = f"{'image' if len(index) == 1 else 'input'} {', '.join(map(str, index))}"
+        return name if labels is None else f"{name} (label {labels[index[0]].item()})"
     seq, pos = index[0], index[1]
     row = tokens[seq].tolist()
 
@@ -192,10 +194,11 @@ def top_activating(
     tokens: torch.Tensor | None = None,
     decode: Callable[[list[int]], str] | None = None,
     context: int = 8,
+    labels: torch.Tensor | None = None,
 ) -> list[dict[str, object]]:
     """The ``k`` inputs that excite ``direction`` of the captured bond most: rank, unit index, score, description."""
     return [
         {"rank": r, "index": " ".join(map(str, index)), "score": score,
-         "input": describe_unit(index, tokens, decode, context)}
+         "input": describe_unit(index, tokens, decode, context, labels)}
         for r, (index, score) in enumerate(capture.top(direction, k))
     ]  # fmt: skip
