@@ -4,16 +4,16 @@ import json
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import Trainer
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
 import tnlit.activation_store
 from tnlit import Rule, TensorizePlan, tensorize
 from tnlit.activation_store import open_store, teacher_fingerprint
 from tnlit.activations import capture
 from tnlit.data.activations import ActivationDataModule
+from tnlit.data.synthetic import RandomTokensDataModule
 from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.pipeline import SliceSettings, compress, load_teacher
 from tnlit.slices import make_slices
@@ -21,22 +21,7 @@ from tnlit.slices import make_slices
 PLAN = TensorizePlan([Rule(r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", "mpo", cr=0.5)])
 
 
-class TokenData(LightningDataModule):
-    """Made token sequences, 4 batches; ``shuffle`` draws the order from torch's global generator."""
-
-    def __init__(self, n: int = 32, seq_len: int = 16, batch_size: int = 8, shuffle: bool = False) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-
-    def setup(self, stage: str | None = None) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(0, 512, (self.hparams.n, self.hparams.seq_len), generator=g)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.tokens, batch_size=self.hparams.batch_size, shuffle=self.hparams.shuffle)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.tokens[:8], batch_size=8)
+TokenData = RandomTokensDataModule
 
 
 def parts(**data_args):
@@ -68,7 +53,7 @@ def test_store_round_trips_what_capture_gives(tmp_path):
     manifest = json.loads((tmp_path / "cache/manifest.json").read_text())
     assert manifest["complete"] and manifest["dtype"] == "float32" and manifest["format"] == 1
     assert manifest["teacher"] == teacher_fingerprint(teacher)
-    assert manifest["data"]["class_path"].endswith("TokenData") and manifest["data"]["seed"] == 1
+    assert manifest["data"]["class_path"].endswith("RandomTokensDataModule") and manifest["data"]["seed"] == 1
     assert manifest["slices"] == [{"name": s.name, "entry": s.entry, "exit": s.exit} for s in slices]
     assert manifest["shards"][0]["shapes"]["transformer.h.0.mlp/target"] == [8, 16, 64]
 

@@ -4,33 +4,18 @@ import json
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
 from tnlit import Rule, TensorizePlan, pipeline
+from tnlit.data.synthetic import RandomTokensDataModule
 from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.pipeline import FinetuneSettings, LogSettings, RunDirError, SliceSettings, compress
 
 PLAN = TensorizePlan([Rule(r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", "mpo", cr=0.5)])
 
 
-class TokenData(LightningDataModule):
-    """Made token sequences in a fixed order (no shuffling), so that runs can be compared weight for weight."""
-
-    def __init__(self, n: int = 32, seq_len: int = 16, batch_size: int = 8) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-
-    def setup(self, stage: str | None = None) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(0, 512, (self.hparams.n, self.hparams.seq_len), generator=g)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.tokens, batch_size=self.hparams.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.tokens[:8], batch_size=8)
+# The DataModule of these tests: made token sequences in a fixed order, so runs compare weight for weight.
+TokenData = RandomTokensDataModule
 
 
 def run(run_dir, **overrides):

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
 from tnlit import Rule, TensorizePlan
+from tnlit.data.synthetic import RandomTokensDataModule
 from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.pipeline import SliceSettings, compress
 
@@ -28,25 +27,15 @@ EPOCHS, BATCHES = 3, 4  # batches an epoch: 32 sequences of 8
 FIRST, SECOND = "transformer.h.0.mlp", "transformer.h.1.mlp"
 
 
-class ShuffledTokens(LightningDataModule):
+class ShuffledTokens(RandomTokensDataModule):
     """Made token sequences, reshuffled every epoch from the global torch RNG (DataLoader's RandomSampler).
 
     ``root`` is unused: a hyper-parameter of type Path, as a real DataModule's data directory is one.
     """
 
-    def __init__(self, n: int = 32, seq_len: int = 16, batch_size: int = 8, root: Path | None = None) -> None:
-        super().__init__()
+    def __init__(self, root: Path | None = None) -> None:
+        super().__init__(shuffle=True)
         self.save_hyperparameters()
-
-    def setup(self, stage: str | None = None) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(0, 512, (self.hparams.n, self.hparams.seq_len), generator=g)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.tokens, batch_size=self.hparams.batch_size, shuffle=True)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.tokens[:8], batch_size=8)
 
 
 def run(run_dir: Path) -> dict:
