@@ -12,6 +12,7 @@ run_dir/
   cache/             the activation store of the cache and serial modes: manifest.json + one shard a batch
                      (tnlit.activation_store); elsewhere when slicewise.cache_dir says so
   student.safetensors          the assembled student
+  ranks/rank<r>/     in a torchrun / srun job (tnlit.distributed): that rank's state, checkpoints and store
   logs/<phase>/version_<n>/    CSV metrics, one version a (re)start of the phase
   wandb/             the W&B run's files when log.wandb is on (elsewhere when $WANDB_DIR says so)
 ```
@@ -19,6 +20,9 @@ run_dir/
 Rerunning the same command resumes: finished slices and phases are loaded, not retrained; a phase that was
 interrupted restarts from its last epoch checkpoint; a finished activation store is reused (validated), an
 interrupted one completed; a finished run only reports.
+
+Launched by ``torchrun --nproc_per_node N`` (or ``srun`` with N tasks), each process trains its share of the slices
+and rank 0 assembles the student: see ``tnlit.distributed``.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,10 +47,11 @@ from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors_model
 from torch import nn
 
+from tnlit import distributed
 from tnlit.activation_store import ActivationStore, StorageDtype, open_store
 from tnlit.atomic import atomic_path, atomic_text
 from tnlit.data.activations import ActivationDataModule
-from tnlit.methods.common import Schedule
+from tnlit.methods.common import Schedule, factor_parameters
 from tnlit.methods.global_finetune import GlobalFinetune
 from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.slices import Slice, SliceModule, make_slices
@@ -212,10 +217,20 @@ def compress(
             each point (phase, epoch, optimisation seconds so far over all phases, metric) in state.json's
             ``curve``: the metric against time, and the time to the best metric as the paper counts it.
     """
+    args = dict(locals())
+    if distributed.current() is None and distributed.launched():
+        # torchrun or srun started several processes: this call is one rank of a slice-parallel job.
+        with distributed.join():
+            return compress(**args)
+    ranks = distributed.current()
     run_dir = Path(run_dir)
-    config = _plain(locals())
+    config = _plain(args)
     if method != "global":
         _check_slice_settings(slicewise)  # before the run directory is touched
+    if ranks is not None and eval_each_epoch:
+        raise ValueError("eval_each_epoch needs a one-process run: the ranks' slices finish at different times")
+    if ranks is not None and slicewise.inputs == "student":
+        raise ValueError("slicewise.inputs=student needs a one-process run: earlier slices train on other ranks")
     _refuse_another_config(run_dir, config, overwrite)  # in seconds, before the teacher loads
     seed_everything(seed, workers=True, verbose=False)
 
@@ -224,11 +239,15 @@ def compress(
     # is claimed: a directory claimed by a config that cannot run would refuse the corrected one.
     student, report = tensorize(model, plan)
     slices = make_slices(student, slicewise.granularity, slicewise.block_pattern) if method != "global" else []
+    if ranks is not None and not ranks.main:
+        return _rank_worker(ranks, model, student, data, slices, slicewise, run_dir, config, accelerator, seed)
     state = _open_run_dir(run_dir, config, overwrite)
     report.to_csv(run_dir / "report.csv")
     report.to_json(run_dir / "report.json")
     data.prepare_data()
     data.setup("fit")
+    if ranks is not None:
+        ranks.announce("run_dir")  # the other ranks may now prepare their data and train
     loggers = _Loggers(log, run_dir, state, config)
     evaluate = (lambda student: _evaluate(student, data, task, accelerator)) if eval_each_epoch else None
     trainer_args = {"accelerator": accelerator, "precision": precision, "progress": progress, "seed": seed,
@@ -244,29 +263,10 @@ def compress(
         _save_state(run_dir, state)
 
     if method in ("slicewise", "hybrid"):
-        serial = slicewise.mode == "serial"
-        groups = [[s] for s in slices] if serial else [slices]
-        store = None
-        for group in groups:
-            phase = f"slice:{group[0].name}" if serial else "slicewise"
-            if _load_slices(run_dir, student, group):
-                continue
-            if store is None and _uses_store(slicewise):
-                # Opened once, and only when a slice still has to train: a finished run never reads it.
-                store = _activation_store(
-                    model, data, slices, slicewise, run_dir, state, accelerator=accelerator, precision=precision,
-                    progress=progress, seed=seed,
-                )  # fmt: skip
-            module = SliceDistillation(
-                model if store is None else None, student, group, lr=slicewise.lr,
-                weight_decay=slicewise.weight_decay, schedule=slicewise.schedule,
-                warmup_steps=slicewise.warmup_steps, inputs=slicewise.inputs,
-            )  # fmt: skip
-            source = data if store is None else ActivationDataModule(
-                store.root, [s.name for s in group], shuffle=slicewise.cache_shuffle, seed=seed
-            )  # fmt: skip
-            _fit(module, source, run_dir, state, phase, slicewise.epochs, **trainer_args)
-            _save_slices(run_dir, student, group)
+        if ranks is None:
+            _train_slices(model, student, data, slices, slicewise, run_dir, run_dir, state, trainer_args)
+        else:
+            _train_share(ranks, model, student, data, slices, slicewise, run_dir, state, trainer_args)
         state.setdefault("metrics", {})
         if "slicewise" not in state["metrics"]:
             state["metrics"]["slicewise"] = _evaluate(student, data, task, accelerator)
@@ -554,18 +554,19 @@ _WANDB_RUNS: dict[str, Any] = {}
 def _fit(
     module: LightningModule, data: LightningDataModule, run_dir: Path, state: dict[str, Any], phase: str, epochs: int,
     *, accelerator: str, precision: str | None, progress: bool, seed: int, loggers: _Loggers,
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None, devices: list[int] | int = 1,
+    callbacks: Sequence[Callback] = (),
 ) -> None:  # fmt: skip
     """Train one phase, resuming from its last epoch checkpoint when there is one; ``evaluate`` (the student's
-    metric) is called after every epoch when given."""
+    metric) is called after every epoch when given. ``devices``: one device (a rank of a job names its own GPU)."""
     seed_everything(seed, workers=True, verbose=False)  # the same data order in every phase and mode
     ckpt_dir = run_dir / "ckpt" / phase.replace(":", "_")
     last = ckpt_dir / "last.ckpt"
-    callbacks = [_epoch_checkpoint(ckpt_dir), timer := _OptimisationTimer(state, phase, run_dir)]
+    callbacks = [*callbacks, _epoch_checkpoint(ckpt_dir), timer := _OptimisationTimer(state, phase, run_dir)]
     if evaluate is not None:
         callbacks.append(_EpochEvaluation(state, run_dir, phase, evaluate))
     trainer = Trainer(
-        max_epochs=epochs, accelerator=accelerator, precision=precision, devices=1,
+        max_epochs=epochs, accelerator=accelerator, precision=precision, devices=devices,
         logger=loggers.for_phase(phase),
         callbacks=callbacks,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -579,6 +580,93 @@ def _fit(
     timer.times["wall_s"] += time.perf_counter() - started
     _save_state(run_dir, state)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _train_slices(
+    model: nn.Module, student: nn.Module, data: LightningDataModule, slices: list[Slice], settings: SliceSettings,
+    run_dir: Path, work_dir: Path, state: dict[str, Any], trainer_args: dict[str, Any], phase: str = "slicewise",
+) -> None:  # fmt: skip
+    """Train the slices that are not finished yet (``stream`` / ``cache``: together; ``serial``: one after another)
+    and load the finished ones. Finished slices go to ``run_dir/slices``; the phases' state, epoch checkpoints and
+    the default activation store go to ``work_dir`` (the run directory, or a rank's own directory in a job)."""
+    pending = [s for s in slices if not _load_slices(run_dir, student, [s])]
+    groups = [[s] for s in pending] if settings.mode == "serial" else [pending] if pending else []
+    store = None
+    for group in groups:
+        if store is None and _uses_store(settings):
+            # Opened once, and only when a slice still has to train: a finished run never reads it. It holds all the
+            # slices, so that a serial run resumed after its first slices finds the store it built.
+            store = _activation_store(
+                model, data, slices, settings, work_dir, state, **{k: trainer_args[k] for k in _STORE_ARGS}
+            )  # fmt: skip
+        module = SliceDistillation(
+            model if store is None else None, student, group, lr=settings.lr, weight_decay=settings.weight_decay,
+            schedule=settings.schedule, warmup_steps=settings.warmup_steps, inputs=settings.inputs,
+        )  # fmt: skip
+        source = data if store is None else ActivationDataModule(
+            store.root, [s.name for s in group], shuffle=settings.cache_shuffle, seed=trainer_args["seed"]
+        )  # fmt: skip
+        name = f"slice:{group[0].name}" if settings.mode == "serial" else phase
+        _fit(module, source, work_dir, state, name, settings.epochs, **trainer_args)
+        _save_slices(run_dir, student, group)
+
+
+_STORE_ARGS = ("accelerator", "precision", "progress", "seed")
+
+
+def _train_share(
+    ranks: distributed.Ranks, model: nn.Module, student: nn.Module, data: LightningDataModule, slices: list[Slice],
+    settings: SliceSettings, run_dir: Path, state: dict[str, Any], trainer_args: dict[str, Any],
+) -> None:  # fmt: skip
+    """One rank's share of the slices (tnlit.distributed), then the wait for every rank. Rank 0 then loads every
+    slice and records each rank's share and times in ``state``: ``times`` gets every rank's phases, ``distributed``
+    the shares and the job's slice-wise time (its slowest rank's)."""
+    work_dir = run_dir / "ranks" / f"rank{ranks.rank}"
+    if settings.cache_dir is not None:  # a shared store directory: one store per share
+        settings = replace(settings, cache_dir=settings.cache_dir / f"rank{ranks.rank}-of-{ranks.world_size}")
+    trainer_args = {**trainer_args, "devices": ranks.devices(trainer_args["accelerator"]),
+                    "callbacks": [distributed.PeerWatch(ranks)]}  # fmt: skip
+
+    def train(share: list[int]) -> dict[str, Any]:
+        rank_state = json.loads((work_dir / "state.json").read_text()) if (work_dir / "state.json").exists() else {}
+        phase = f"slicewise:rank{ranks.rank}-of-{ranks.world_size}"
+        _train_slices(model, student, data, [slices[i] for i in share], settings, run_dir, work_dir, rank_state,
+                      trainer_args, phase)  # fmt: skip
+        return {"times": rank_state.get("times", {})}
+
+    sizes = [sum(p.numel() for p in factor_parameters([SliceModule(student, s)])) for s in slices]
+    reports = distributed.train_share(ranks, [s.name for s in slices], sizes, train)
+    if not ranks.main:
+        return
+    if not _load_slices(run_dir, student, slices):
+        raise RunDirError(f"every rank finished, yet {run_dir / 'slices'} lacks slices of this student")
+    times = state.setdefault("times", {})
+    for report in reports:
+        times.update(report["times"])
+        report["optimisation_s"] = sum(t.get("optimisation_s", 0.0) for t in report["times"].values())
+        report["wall_s"] = sum(t.get("wall_s", 0.0) for t in report["times"].values())
+        del report["times"]
+    state["distributed"] = {
+        "world_size": ranks.world_size, "ranks": reports,
+        "optimisation_s": max(r["optimisation_s"] for r in reports), "wall_s": max(r["wall_s"] for r in reports),
+    }  # fmt: skip
+    _save_state(run_dir, state)
+
+
+def _rank_worker(
+    ranks: distributed.Ranks, model: nn.Module, student: nn.Module, data: LightningDataModule, slices: list[Slice],
+    settings: SliceSettings, run_dir: Path, config: dict[str, Any], accelerator: str, seed: int,
+) -> dict[str, Any]:  # fmt: skip
+    """A rank above 0: once rank 0 has claimed the run directory and prepared the data, train this rank's share of
+    the slices (CSV logs only, no progress bars) and wait for the others; rank 0 does everything else."""
+    ranks.wait_for(["run_dir"])
+    data.prepare_data()  # after rank 0's: a cache rank 0 built is found, not built again
+    data.setup("fit")
+    trainer_args = {"accelerator": accelerator, "precision": config["precision"], "progress": False, "seed": seed,
+                    "loggers": _Loggers(LogSettings(), run_dir, {}, config), "evaluate": None}  # fmt: skip
+    if slices:
+        _train_share(ranks, model, student, data, slices, settings, run_dir, {}, trainer_args)
+    return {"rank": ranks.rank, "world_size": ranks.world_size}
 
 
 def _epoch_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
