@@ -49,12 +49,14 @@ class PeerFailure(RuntimeError):
 
 
 def launched() -> bool:
-    """Whether torchrun or SLURM started this process as one of several (WORLD_SIZE or SLURM_NTASKS above 1)."""
+    """Whether torchrun or srun started this process as one of several (WORLD_SIZE or SLURM_STEP_NUM_TASKS above 1)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     if TorchElasticEnvironment.detect():
         return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    # The step's task count, not the allocation's (SLURM_NTASKS): a batch script that runs one python in an
+    # allocation of several tasks is one process, and would wait forever for the others.
+    return SLURMEnvironment.detect() and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
 
 
 @dataclass
