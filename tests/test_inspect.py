@@ -7,15 +7,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader
 
 from tnlit import Rule, TensorizePlan, estimate, tensorize
 from tnlit.bond_activations import bond_activations, bond_vectors, describe_unit, top_activating
 from tnlit.cli import main
 from tnlit.compressibility import budget_plan, compressibility_map, every_layer_plan, layer_curves
+from tnlit.data.synthetic import RandomTokensDataModule
 from tnlit.formats import effective_rank, spectrum_entropy, truncation_errors
 from tnlit.inspect import bond_spectra, bond_stats, canonical_factors, canonicalize_, model_bond_stats
 from tnlit.inspect_command import load_run
@@ -443,31 +442,14 @@ def test_activation_choices_out_of_range_are_refused():
 # ------------------------------------------------------------------------------------------ tnlit inspect
 
 
-class TokenData(LightningDataModule):
-    """Made token sequences (tiny-gpt2's vocabulary of 512)."""
-
-    def __init__(self, n: int = 16, seq_len: int = 12, batch_size: int = 8) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-
-    def setup(self, stage: str | None = None) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(0, 512, (self.hparams.n, self.hparams.seq_len), generator=g)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.tokens, batch_size=self.hparams.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.tokens[:8], batch_size=8)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A finished compress run of tiny-gpt2 (MLPs as MPOs at CR 0.5, one epoch slice-wise)."""
     path = tmp_path_factory.mktemp("inspect") / "run"
     torch.manual_seed(0)
     compress(
-        teacher="tiny-gpt2", data=TokenData(), plan=TensorizePlan([Rule(MLP, "mpo", cr=0.5)]), task="causal_lm",
+        teacher="tiny-gpt2", data=RandomTokensDataModule(num_sequences=16, seq_len=12), task="causal_lm",
+        plan=TensorizePlan([Rule(MLP, "mpo", cr=0.5)]),
         run_dir=path, accelerator="cpu", progress=False, slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2),
     )  # fmt: skip
     return path
