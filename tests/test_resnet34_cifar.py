@@ -1,0 +1,68 @@
+"""reproduce/resnet34_cifar.py: the --smoke run end to end on made CIFAR data, and the one-run-per-GPU scheduler."""
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("resnet34_cifar", ROOT / "reproduce" / "resnet34_cifar.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _smoke(tmp_path, monkeypatch, only):
+    monkeypatch.chdir(tmp_path)
+    script = _script()
+    argv = ["--smoke", "--configs", str(ROOT / "configs/resnet34")] + (["--only", only] if only else [])
+    assert script.main(argv) == 0
+    results = tmp_path / "runs/resnet34_smoke/results"
+    rows = list(csv.DictReader((results / "resnet34_cifar.csv").open()))
+    assert all(r["status"] == "done" for r in rows)
+    assert (results / "resnet34_cifar.png").stat().st_size > 1000
+    assert (results / "resnet34_cifar.provenance.json").exists()
+    return script, rows, (results / "resnet34_cifar.md").read_text()
+
+
+def test_smoke_selection_trains_both_teachers_runs_the_rows_and_writes_the_table(tmp_path, monkeypatch):
+    script, rows, md = _smoke(tmp_path, monkeypatch, "cifar10/slicewise_cr0.5_10k|cifar100/hybrid")
+    assert [r["config"] for r in rows] == ["cifar10/slicewise_cr0.5_10k", "cifar100/hybrid_cr0.7_50k"]
+    assert rows[1]["paper_top1"] == "74.22" and rows[1]["paper_time_min"] == "106.01"
+    assert float(rows[0]["compression_rate"]) > 0.4 and rows[0]["best_top1"]
+    assert "SMOKE RUN" in md and "| 0.7 | hybrid | 50000 |" in md
+    # Resumable: a second invocation reuses the teachers and the finished runs.
+    state = tmp_path / "runs/resnet34_smoke/cifar100/hybrid_cr0.7_50k/state.json"
+    times = json.loads(state.read_text())["times"]
+    teacher = (tmp_path / "runs/resnet34_smoke/cifar100/teacher.safetensors").stat().st_mtime
+    assert script.main(["--smoke", "--configs", str(ROOT / "configs/resnet34"), "--only", "cifar100/hybrid"]) == 0
+    assert json.loads(state.read_text())["times"] == times  # nothing trained again
+    assert (tmp_path / "runs/resnet34_smoke/cifar100/teacher.safetensors").stat().st_mtime == teacher
+
+
+@pytest.mark.slow
+def test_full_smoke_runs_every_row_of_the_table(tmp_path, monkeypatch):
+    _, rows, _ = _smoke(tmp_path, monkeypatch, None)
+    assert len(rows) == 11
+
+
+def test_the_configs_cover_every_row_of_the_papers_table():
+    script = _script()
+    keys = [key for key, _ in script.find_configs(ROOT / "configs/resnet34", None)]
+    assert keys == [k for k in script.paper_numbers() if not k.endswith("/teacher")]
+
+
+def test_jobs_run_one_per_gpu_at_a_time(tmp_path):
+    script = _script()
+    code = "import os, sys, time; time.sleep(0.3); print('gpu', os.environ['CUDA_VISIBLE_DEVICES']); sys.exit({})"
+    jobs = [(f"job{i}", [sys.executable, "-c", code.format(int(i == 2))]) for i in range(4)]
+    status = script.run_jobs(jobs, ["3", "5"], tmp_path / "logs")
+    assert status == {"job0": 0, "job1": 0, "job2": 1, "job3": 0}
+    assert (tmp_path / "logs/job0.log").read_text().strip() == "gpu 3"
+    assert (tmp_path / "logs/job1.log").read_text().strip() == "gpu 5"
