@@ -2,7 +2,6 @@
 manifest (reused when sound, rebuilt when damaged), seeded windows, the held-out split, and compress on it."""
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +9,7 @@ import pytest
 import torch
 
 from tnlit.data.offline import pydoc_text
-from tnlit.data.openwebtext import TokenizedTextDataModule, load_tokenizer
-
-
-def word_tokenizer(out: Path, texts: list[str]) -> Path:
-    """A word-level fast tokenizer over the words of ``texts`` (plus <unk>, <eos>), saved with save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)})
-    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(out)
-    return out
+from tnlit.data.openwebtext import TokenizedTextDataModule, load_tokenizer, word_level_tokenizer
 
 
 def made_corpus(root: Path, n: int = 40) -> tuple[list[Path], Path]:
@@ -36,7 +22,7 @@ def made_corpus(root: Path, n: int = 40) -> tuple[list[Path], Path]:
     for i, doc in enumerate(docs):
         (path := root / f"doc{i:03d}.txt").write_text(doc, encoding="utf-8")
         files.append(path)
-    return files, word_tokenizer(root / "tokenizer", docs)
+    return files, word_level_tokenizer(docs, root / "tokenizer")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ and the accuracy count is two lines.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["accuracy", "perplexity"]
+__all__ = ["LM_EVAL_METRICS", "accuracy", "lm_eval_benchmarks", "perplexity"]
 
 
 @contextmanager
@@ -85,3 +85,57 @@ def perplexity(model: nn.Module, dataloader: Iterable[Any], device: torch.device
     if count == 0:
         raise ValueError("perplexity needs sequences of at least 2 tokens")
     return math.exp(total_nll / count)
+
+
+# The paper's GPT-2 XL benchmarks (PAPER.md section 1): lm-evaluation-harness task -> the metrics it reports.
+LM_EVAL_METRICS: dict[str, tuple[str, ...]] = {
+    "lambada_openai": ("acc", "perplexity"),
+    "wikitext": ("word_perplexity",),
+}
+
+
+def lm_eval_benchmarks(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str | dict[str, Any]] = tuple(LM_EVAL_METRICS),
+    *,
+    batch_size: int = 8,
+    limit: int | float | None = None,
+    device: str | None = None,
+) -> dict[str, float]:
+    """lm-evaluation-harness tasks on a causal LM in memory (a teacher, or a tensorized student): ``{"task/metric":
+    value}``, e.g. ``lambada_openai/acc`` (a fraction), ``lambada_openai/perplexity``, ``wikitext/word_perplexity``.
+
+    The harness's ``HFLM`` wraps the model as it is (no reload, so a student's factor layers are what is measured).
+    Its tasks download their datasets once (``datasets``' cache; offline when cached). Needs the ``lm`` extra.
+
+    Args:
+        model: A Hugging Face causal LM (``PreTrainedModel``); left in eval mode on ``device``.
+        tokenizer: Its tokenizer.
+        tasks: Task names, or task configs as dicts (a task over local data, as the tests use).
+        batch_size: Sequences per forward.
+        limit: Evaluate only the first ``limit`` documents of each task (a fraction when below 1): quick checks.
+        device: Where to run; None: the model's device.
+    """
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as err:
+        raise ImportError("lm-evaluation-harness is not installed: pip install 'tnlit[lm]'") from err
+    device = str(device or _device_of(model))
+    model.to(device).eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    from lm_eval.tasks import TaskManager
+
+    # Indexing the harness's thousands of built-in task files takes seconds: skipped when every task is given whole.
+    manager = TaskManager(include_defaults=not all(isinstance(t, dict) for t in tasks))
+    out = simple_evaluate(
+        model=lm, tasks=list(tasks), limit=limit, log_samples=False, bootstrap_iters=0, task_manager=manager
+    )  # fmt: skip
+    scores = {}
+    for task, metrics in out["results"].items():
+        for key, value in metrics.items():
+            name, _, _filter = key.partition(",")  # "acc,none": metric, filter
+            if isinstance(value, (int, float)) and not name.endswith("_stderr") and name != "alias":
+                scores[f"{task}/{name}"] = float(value)
+    return scores

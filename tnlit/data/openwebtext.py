@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tnlit.atomic import atomic_text
 
-__all__ = ["TokenizedTextDataModule", "load_tokenizer"]
+__all__ = ["TokenizedTextDataModule", "load_tokenizer", "word_level_tokenizer"]
 
 _FORMAT = 1  # bump when the layout changes: every cache is then built again
 _CHUNK = 1024  # documents tokenized per call (a fast tokenizer parallelises inside one call)
@@ -54,6 +54,19 @@ def load_tokenizer(name: str) -> Any:
 
     local = Path(name).expanduser()
     return AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name)
+
+
+def word_level_tokenizer(texts: list[str], out: Path) -> Path:
+    """A word-level fast tokenizer over the words and punctuation of ``texts`` (plus ``<unk>`` and ``<eos>``), saved
+    with ``save_pretrained`` into ``out``: a tokenizer for made text, with nothing downloaded (tests, smoke runs)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<eos>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(out)
+    return Path(out)
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
