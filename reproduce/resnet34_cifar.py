@@ -89,9 +89,9 @@ def smoke_configs(configs: Path, out: Path) -> Path:
         target = out / "configs" / dataset
         target.mkdir(parents=True, exist_ok=True)
         teacher = yaml.safe_load((configs / dataset / "teacher.yaml").read_text())
-        teacher["trainer"].update(max_epochs=2, logger=False)
+        teacher["trainer"].update(max_epochs=4, logger=False)
         teacher["model"]["init_args"].update(model=narrow, lr=0.05)
-        teacher["data"]["init_args"].update(root=str(data), batch_size=32, num_workers=0)
+        teacher["data"]["init_args"].update(root=str(data), batch_size=16, num_workers=0)
         atomic_text(target / "teacher.yaml", yaml.safe_dump(teacher, sort_keys=False))
         for path in sorted((configs / dataset).glob("*.yaml")):
             if path.name == "teacher.yaml":
@@ -193,6 +193,9 @@ def result_rows(runs: list[tuple[str, Path]], status: dict[str, int]) -> list[di
         }  # fmt: skip
         state_file = Path(config["run_dir"]) / "state.json"
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        if stale(config):
+            rows.append(row | {"status": "stale (older than its teacher)", "curve": []})
+            continue
         if status.get(key, 0) != 0 or "final_metric" not in state:
             rows.append(row | {"status": "failed" if status.get(key, 0) else "not finished", "curve": []})
             continue
@@ -207,6 +210,22 @@ def result_rows(runs: list[tuple[str, Path]], status: dict[str, int]) -> list[di
             }
         )  # fmt: skip
     return rows
+
+
+def stale(config: dict[str, Any]) -> bool:
+    """Whether the run directory was started before its teacher's weights were last written (a teacher trained again
+    after its config changed): compress() resumes by config, which names the weights file, not its content."""
+    started, weights = Path(config["run_dir"]) / "config.json", Path(config.get("teacher_weights") or "")
+    return started.is_file() and weights.is_file() and started.stat().st_mtime < weights.stat().st_mtime
+
+
+def warn_stale(runs: list[tuple[str, Path]]) -> None:
+    """Say which run directories predate their teacher (they would only report their old results)."""
+    for key, path in runs:
+        config = yaml.safe_load(path.read_text())
+        if stale(config):
+            print(f"warning: {key}: {config['run_dir']} predates {config['teacher_weights']}: delete it to run this "
+                  "row on the new teacher; it is left out of the table", flush=True)  # fmt: skip
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -268,6 +287,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def log_to_wandb(rows: list[dict[str, Any]], results: Path, project: str) -> None:
+    """The finished table as a W&B run of its own (job type ``table``): a wandb Table and the CSV as an artifact."""
+    import wandb
+
+    run = wandb.init(project=project, name="resnet34_cifar", job_type="table", group="resnet34_cifar",
+                     mode=os.environ.get("WANDB_MODE") or "offline", dir=str(results))  # fmt: skip
+    run.log({"resnet34_cifar": wandb.Table(columns=FIELDS, data=[[r.get(f) for f in FIELDS] for r in rows])})
+    artifact = wandb.Artifact("resnet34_cifar", type="results")
+    artifact.add_file(str(results / "resnet34_cifar.csv"))
+    run.log_artifact(artifact)
+    run.finish()
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 
@@ -280,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", help="comma-separated GPU ids, one run per GPU at a time (default: every visible "
                                        "GPU; none: in this process, on the CPU)")  # fmt: skip
     parser.add_argument("--results", type=Path, help="where the table goes (default: results)")
-    parser.add_argument("--wandb-project", help="also log every run to this W&B project (offline unless WANDB_MODE)")
+    parser.add_argument("--wandb-project", help="also log every run, and the table, to this W&B project (offline "
+                                                "unless $WANDB_MODE says otherwise)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="made data, narrow network, one epoch: minutes on CPU")
     parser.add_argument("--train-teacher", nargs=2, metavar=("CONFIG", "OUT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -304,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     datasets = sorted({key.split("/")[0] for key, _ in runs})
     teachers = train_teachers(configs, datasets, gpus, logs)
     failed_teachers = {d for d in datasets if teachers.get(f"{d}/teacher", teachers.get(d, 0))}
-    todo = [(k, p) for k, p in runs if k.split("/")[0] not in failed_teachers]
+    warn_stale(runs)
+    todo = [
+        (k, p) for k, p in runs if k.split("/")[0] not in failed_teachers and not stale(yaml.safe_load(p.read_text()))
+    ]
     status = run_configs(todo, gpus, logs, extra) | {k: 1 for k, p in runs if (k, p) not in todo}
     rows = result_rows(runs, status)
     total_s = time.perf_counter() - started
@@ -330,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
          "total_s": round(total_s, 1),
          "teachers": {d: str(configs / d / "teacher.yaml") for d in datasets}},
     )  # fmt: skip
+    if args.wandb_project:
+        log_to_wandb(rows, results, args.wandb_project)
     bad = [r["config"] for r in rows if r["status"] != "done"]
     print(f"resnet34_cifar: {len(rows) - len(bad)}/{len(rows)} rows done in {total_s / 60:.1f} min -> "
           f"{results}/resnet34_cifar.*" + (f"; not done: {', '.join(bad)}" if bad else ""))  # fmt: skip

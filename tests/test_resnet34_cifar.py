@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,11 @@ def test_smoke_selection_trains_both_teachers_runs_the_rows_and_writes_the_table
     assert script.main(["--smoke", "--configs", str(ROOT / "configs/resnet34"), "--only", "cifar100/hybrid"]) == 0
     assert json.loads(state.read_text())["times"] == times  # nothing trained again
     assert (tmp_path / "runs/resnet34_smoke/cifar100/teacher.safetensors").stat().st_mtime == teacher
+    # A teacher written after a run started makes that run stale: said, left out of the table, not reported as ours.
+    os.utime(tmp_path / "runs/resnet34_smoke/cifar100/teacher.safetensors", (teacher + 60, teacher + 60))
+    assert script.main(["--smoke", "--configs", str(ROOT / "configs/resnet34"), "--only", "cifar100/hybrid"]) == 1
+    rows = list(csv.DictReader((tmp_path / "runs/resnet34_smoke/results/resnet34_cifar.csv").open()))
+    assert rows[0]["status"].startswith("stale") and rows[0]["best_top1"] == ""
 
 
 @pytest.mark.slow
@@ -66,3 +72,15 @@ def test_jobs_run_one_per_gpu_at_a_time(tmp_path):
     assert status == {"job0": 0, "job1": 0, "job2": 1, "job3": 0}
     assert (tmp_path / "logs/job0.log").read_text().strip() == "gpu 3"
     assert (tmp_path / "logs/job1.log").read_text().strip() == "gpu 5"
+
+
+@pytest.mark.slow
+def test_smoke_through_subprocesses_one_per_gpu_id(tmp_path, monkeypatch):
+    # GPU ids on a CPU machine: the subprocess path (CUDA_VISIBLE_DEVICES, logs) runs the smoke configs on the CPU.
+    monkeypatch.chdir(tmp_path)
+    script = _script()
+    only = "cifar10/slicewise_cr0.5_10k|cifar100/global_cr0.5"
+    assert script.main(["--smoke", "--configs", str(ROOT / "configs/resnet34"), "--gpus", "0,1", "--only", only]) == 0
+    assert (tmp_path / "runs/resnet34_smoke/logs/cifar100_global_cr0.5_50k.log").exists()
+    rows = list(csv.DictReader((tmp_path / "runs/resnet34_smoke/results/resnet34_cifar.csv").open()))
+    assert [r["status"] for r in rows] == ["done", "done"]

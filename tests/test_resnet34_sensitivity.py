@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
@@ -45,3 +46,19 @@ def test_sweep_measures_each_layer_alone_and_writes_csv_plot_and_a_plan_compress
     # The written plan is a valid TensorizePlan that keeps those layers dense.
     _, report = tensorize(model, TensorizePlan(**loaded))
     assert len(report.layers) == 2
+
+
+@pytest.mark.slow
+def test_the_script_runs_end_to_end_on_made_data(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    path = Path(__file__).resolve().parents[1] / "reproduce" / "resnet34_sensitivity.py"
+    spec = importlib.util.spec_from_file_location("resnet34_sensitivity", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--smoke", "--dataset", "cifar100", "--k", "3"]) == 0
+    out = tmp_path / "runs/resnet34_smoke/results"
+    assert len(yaml.safe_load((out / "resnet34_cifar100_sensitivity_plan.yaml").read_text())["plan"]["exclude"]) == 3
+    assert (out / "resnet34_cifar100_sensitivity.provenance.json").exists()
