@@ -89,7 +89,8 @@ def smoke_configs(configs: Path, out: Path) -> Path:
         target = out / "configs" / dataset
         target.mkdir(parents=True, exist_ok=True)
         teacher = yaml.safe_load((configs / dataset / "teacher.yaml").read_text())
-        teacher["trainer"].update(max_epochs=4, logger=False)
+        teacher["trainer"].update(max_epochs=4, logger=False, enable_checkpointing=False)
+        teacher["trainer"].pop("callbacks", None)  # the real config's checkpoint folder is not the smoke run's
         teacher["model"]["init_args"].update(model=narrow, lr=0.05)
         teacher["data"]["init_args"].update(root=str(data), batch_size=16, num_workers=0)
         atomic_text(target / "teacher.yaml", yaml.safe_dump(teacher, sort_keys=False))

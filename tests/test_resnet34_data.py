@@ -89,6 +89,9 @@ def test_imagenet_reads_an_image_folder_with_the_standard_transforms(tmp_path):
     full = ImageNetDataModule(root=tmp_path, num_workers=0)
     full.setup()
     assert full.test_dataset[0][0].shape == (3, 224, 224)
+    # Held-out train images are not augmented: the same tensor twice (the train split crops at random).
+    assert torch.equal(data.val_dataset[0][0], data.val_dataset[0][0])
+    assert data.val_dataset.dataset.samples is data.train_dataset.dataset.samples
 
 
 def test_imagenet_missing_folders_are_a_clear_error(tmp_path):
