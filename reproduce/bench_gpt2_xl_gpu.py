@@ -57,7 +57,8 @@ def build(quick: bool, device: torch.device) -> tuple[torch.nn.Module, torch.nn.
     from tnlit.models import load_model
 
     if quick:
-        teacher, batch, seq = GPT2LMHeadModel(GPT2Config(n_embd=256, n_layer=4, n_head=4, n_positions=128, vocab_size=1024)), 2, 128
+        config = GPT2Config(n_embd=256, n_layer=4, n_head=4, n_positions=128, vocab_size=1024)
+        teacher, batch, seq = GPT2LMHeadModel(config), 2, 128
     else:
         teacher, batch, seq = load_model("gpt2-xl-arch"), 8, 1024
     teacher = teacher.to(device).eval()
