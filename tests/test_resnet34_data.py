@@ -107,3 +107,22 @@ def test_the_table_models_have_the_right_heads():
     narrow = load_model("cifar100-resnet34-w8")
     assert narrow.fc.out_features == 100 and narrow(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
     assert load_model("cifar-resnet34-w8").fc.in_features == 64
+
+
+def test_the_imagenet_teacher_asks_torchvision_for_its_weights_and_says_where_they_go(monkeypatch):
+    import torchvision
+
+    from tnlit.models import ModelNotFoundError, load_model
+
+    asked = []
+
+    def get_model(name, weights=None):
+        asked.append((name, weights))
+        if weights is not None:
+            raise OSError("no network")
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(torchvision.models, "get_model", get_model)
+    with pytest.raises(ModelNotFoundError, match="torch's cache"):
+        load_model("resnet34-imagenet1k")
+    assert asked == [("resnet34", "DEFAULT")]  # DEFAULT is IMAGENET1K_V1, resnet34's only weights
