@@ -103,12 +103,14 @@ def test_torchrun_resumes_per_slice(tmp_path):
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
-def test_a_failure_on_one_rank_ends_every_rank_with_its_error(tmp_path):
-    job = torchrun(tmp_path, tmp_path / "job", "stream", timeout=180, FAIL_RANK="1")
+@pytest.mark.parametrize("rank", [1, pytest.param(0, marks=pytest.mark.slow)])
+def test_a_failure_on_one_rank_ends_every_rank_with_its_error(tmp_path, rank):
+    job = torchrun(tmp_path, tmp_path / "job", "stream", timeout=180, FAIL_RANK=str(rank))
     out = job.stdout + job.stderr
     assert job.returncode != 0
     assert "RESULT" not in out
-    # Rank 0 says the other rank's error itself (PeerFailure), besides rank 1's own traceback.
-    assert "rank 1 of 2 failed: RuntimeError: injected failure" in out, out[-4000:]
+    # The other rank says the failed rank's error itself (PeerFailure), besides the failed rank's own traceback.
+    said = f"tnlit rank {1 - rank}: stopping, rank {rank} of 2 failed: RuntimeError: injected failure"
+    assert said in out, out[-4000:]
     assert not (tmp_path / "job/student.safetensors").exists()
-    assert not (tmp_path / "job/slices/transformer.h.1.mlp.safetensors").exists()
+    assert not (tmp_path / f"job/slices/transformer.h.{rank}.mlp.safetensors").exists()
