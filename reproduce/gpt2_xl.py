@@ -6,7 +6,8 @@
    ``torchrun --nproc_per_node N`` (one share of the slices per GPU) in ``<run_dir>_x<N>``. Finished runs only
    report, interrupted ones resume.
 2. Evaluates the dense teacher and each student with lm-evaluation-harness (``--benchmarks``, by default
-   lambada_openai and wikitext, on the model in memory), kept in each run directory's ``lm_eval.json``.
+   lambada_openai and wikitext, on the model in memory) and on C4 validation text (``c4``: perplexity, our
+   protocol, the paper's is UNKNOWN), kept in each run directory's ``lm_eval.json``.
 3. Writes ``<results>/gpt2_xl.csv`` and ``.md`` (ours beside the paper's, from reproduce/paper_gpt2_xl.csv; plus
    held-out OpenWebText perplexity), ``gpt2_xl_time.csv`` (optimisation minutes per run, beside the paper's from
    reproduce/paper_gpt2_xl_time.csv) and ``gpt2_xl.provenance.json``.
@@ -44,6 +45,7 @@ PAPER_TIME = ROOT / "reproduce" / "paper_gpt2_xl_time.csv"
 CONFIGS = ROOT / "configs" / "gpt2_xl"
 NAME = "owt_mlp_mpo_cr0.48_{}.yaml"
 SMOKE = Path("runs/gpt2_xl_smoke")
+C4_FILE = "en/c4-validation.00000-of-00008.json.gz"
 TIME_FIELDS = ["run", "gpus", "status", "optimisation_min", "wall_min", "slowest_rank_min", "paper_min"]
 
 
@@ -88,9 +90,35 @@ def run_distributed(config: Path, nproc: int, run_dir: Path) -> dict[str, Any] |
     return json.loads((run_dir / "state.json").read_text())
 
 
+def c4_perplexity(
+    model: Any, tokenizer: Any, *, dataset: str = "allenai/c4", data_files: str = C4_FILE, sequences: int = 256,
+    seq_len: int = 1024, device: str = "cpu",
+) -> float:  # fmt: skip
+    """Token perplexity on C4's validation text (the paper's protocol is UNKNOWN; ours): its documents in file order,
+    each followed by EOS, concatenated and cut into ``sequences`` non-overlapping windows of ``seq_len`` tokens.
+    Only ``data_files`` (one of C4's 8 validation shards) is downloaded, never the 305 GB train split."""
+    import datasets
+    import torch
+
+    from tnlit.evaluate import perplexity
+
+    rows = datasets.load_dataset(dataset, data_files={"validation": data_files}, split="validation")
+    need, ids = sequences * seq_len, []
+    for row in rows:
+        ids += tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= need:
+            break
+    count = len(ids) // seq_len
+    if count == 0:
+        raise ValueError(f"{data_files}: fewer than seq_len={seq_len} tokens")
+    windows = torch.tensor(ids[: count * seq_len]).view(count, seq_len)
+    model.to(device)
+    return perplexity(model, torch.utils.data.DataLoader(windows, batch_size=8), device=device)
+
+
 def benchmarks(run_dir: Path, tasks: list[str], limit: float | None, which: str) -> dict[str, float]:
-    """lm-evaluation-harness scores of a finished run's teacher (``which="dense"``) or student, kept in
-    ``run_dir/lm_eval.json`` so that a rerun does not evaluate again."""
+    """lm-evaluation-harness scores (``c4``: :func:`c4_perplexity`) of a finished run's teacher (``which="dense"``)
+    or student, kept in ``run_dir/lm_eval.json`` so that a rerun does not evaluate again."""
     if not tasks:
         return {}
     cache = run_dir / "lm_eval.json"
@@ -107,7 +135,10 @@ def benchmarks(run_dir: Path, tasks: list[str], limit: float | None, which: str)
         tokenizer = load_tokenizer(config["data"]["init_args"]["tokenizer"])
         model = teacher if which == "dense" else student
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        kept[key] = lm_eval_benchmarks(model, tokenizer, tasks, limit=limit, device=device)
+        harness = [t for t in tasks if t != "c4"]
+        kept[key] = lm_eval_benchmarks(model, tokenizer, harness, limit=limit, device=device) if harness else {}
+        if "c4" in tasks:
+            kept[key]["c4/perplexity"] = c4_perplexity(model, tokenizer, device=device)
         atomic_text(cache, json.dumps(kept, indent=2) + "\n")
     return kept[key]
 
@@ -245,7 +276,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="where the tables are written")
     parser.add_argument("--serial", action="store_true", help="also the serial run (48 slices one after another)")
     parser.add_argument("--nproc", type=int, default=0, help="also the slice-wise run under torchrun on N GPUs")
-    parser.add_argument("--benchmarks", nargs="*", default=["lambada_openai", "wikitext"], help="harness tasks")
+    parser.add_argument(
+        "--benchmarks",
+        nargs="*",
+        default=["lambada_openai", "wikitext", "c4"],
+        help="lm-evaluation-harness tasks, and c4 (perplexity on C4 validation text)",
+    )
     parser.add_argument("--limit", type=float, default=None, help="documents per harness task (quick checks)")
     parser.add_argument("--smoke", action="store_true", help="tiny GPT-2 and made text on CPU, in minutes")
     args = parser.parse_args(argv)

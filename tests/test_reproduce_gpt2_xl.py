@@ -41,3 +41,22 @@ def test_smoke_with_a_torchrun_job(tmp_path, monkeypatch):
     gpt2_xl = script(tmp_path, monkeypatch)
     gpt2_xl.main(["--smoke"])
     check_tables(tmp_path / "smoke" / "results", nproc=2)
+
+
+def test_c4_perplexity_reads_validation_text_into_windows(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tnlit.data.openwebtext import load_tokenizer, word_level_tokenizer
+
+    gpt2_xl = script(tmp_path, monkeypatch)
+    texts = [f"document {i} : the quick brown fox jumps over the lazy dog ." for i in range(30)]
+    tokenizer = load_tokenizer(str(word_level_tokenizer(texts, tmp_path / "tok")))
+    (tmp_path / "c4.json").write_text("".join(json.dumps({"text": t, "url": "x"}) + "\n" for t in texts))
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=32, vocab_size=len(tokenizer)))
+    value = gpt2_xl.c4_perplexity(
+        model, tokenizer, dataset="json", data_files=str(tmp_path / "c4.json"), sequences=4, seq_len=16
+    )  # fmt: skip
+    assert 1 < value < 10 * len(tokenizer)
