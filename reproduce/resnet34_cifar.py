@@ -220,6 +220,19 @@ def stale(config: dict[str, Any]) -> bool:
     return started.is_file() and weights.is_file() and started.stat().st_mtime < weights.stat().st_mtime
 
 
+def run_status(config: dict[str, Any]) -> str:
+    """What a row's run directory holds: ``new``, ``started (<phases>)``, ``finished`` or ``stale``."""
+    state_file = Path(config["run_dir"]) / "state.json"
+    if not state_file.exists():
+        return "new" + ("" if Path(config.get("teacher_weights") or "").is_file() else " (teacher not trained yet)")
+    if stale(config):
+        return "stale (older than its teacher)"
+    state = json.loads(state_file.read_text())
+    if "final_metric" in state:
+        return f"finished: top-1 {state['final_metric'].get('top1')}"
+    return f"started ({', '.join(state.get('times', {})) or 'evaluated only'})"
+
+
 def warn_stale(runs: list[tuple[str, Path]]) -> None:
     """Say which run directories predate their teacher (they would only report their old results)."""
     for key, path in runs:
@@ -316,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-project", help="also log every run, and the table, to this W&B project (offline "
                                                 "unless $WANDB_MODE says otherwise)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="made data, narrow network, one epoch: minutes on CPU")
+    parser.add_argument(
+        "--list", action="store_true", help="say what each selected row's run directory holds; run nothing"
+    )
     parser.add_argument("--train-teacher", nargs=2, metavar=("CONFIG", "OUT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.train_teacher:  # a subprocess of train_teachers on one GPU
@@ -332,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
 
         gpus = [str(i) for i in range(torch.cuda.device_count())] if not args.smoke else []
     runs = find_configs(configs, args.only)
+    if args.list:
+        for key, path in runs:
+            print(f"{key:32s} {run_status(yaml.safe_load(path.read_text()))}")
+        return 0
     logs = Path(yaml.safe_load(runs[0][1].read_text())["run_dir"]).parent.parent / "logs"
     extra = ["--log.wandb=true", f"--log.wandb_project={args.wandb_project}"] if args.wandb_project else []
 

@@ -32,12 +32,20 @@ def _smoke(tmp_path, monkeypatch, only):
     return script, rows, (results / "resnet34_cifar.md").read_text()
 
 
-def test_smoke_selection_trains_both_teachers_runs_the_rows_and_writes_the_table(tmp_path, monkeypatch):
+def test_smoke_selection_trains_both_teachers_runs_the_rows_and_writes_the_table(tmp_path, monkeypatch, capsys):
     script, rows, md = _smoke(tmp_path, monkeypatch, "cifar10/slicewise_cr0.5_10k|cifar100/hybrid")
     assert [r["config"] for r in rows] == ["cifar10/slicewise_cr0.5_10k", "cifar100/hybrid_cr0.7_50k"]
     assert rows[1]["paper_top1"] == "74.22" and rows[1]["paper_time_min"] == "106.01"
     assert float(rows[0]["compression_rate"]) > 0.4 and rows[0]["best_top1"]
     assert "SMOKE RUN" in md and "| 0.7 | hybrid | 50000 |" in md
+    smoke_configs = str(tmp_path / "runs/resnet34_smoke/configs")
+    capsys.readouterr()
+    assert script.main(["--configs", smoke_configs, "--list", "--only", "cifar100/hybrid|cifar100/global_cr0.5"]) == 0
+    listed = capsys.readouterr().out
+    assert (
+        "cifar100/hybrid_cr0.7_50k        finished: top-1" in listed
+        and "cifar100/global_cr0.5_50k        new" in listed
+    )
     # Resumable: a second invocation reuses the teachers and the finished runs.
     state = tmp_path / "runs/resnet34_smoke/cifar100/hybrid_cr0.7_50k/state.json"
     times = json.loads(state.read_text())["times"]
