@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from tnlit.atomic import atomic_path, atomic_text
-from tnlit.quickstart import _row, train_teacher
+from tnlit.quickstart import result_row, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "reproduce" / "paper_resnet34_cifar.csv"
@@ -200,7 +200,7 @@ def result_rows(runs: list[tuple[str, Path]], status: dict[str, int]) -> list[di
         if status.get(key, 0) != 0 or "final_metric" not in state:
             rows.append(row | {"status": "failed" if status.get(key, 0) else "not finished", "curve": []})
             continue
-        ours = _row(path, state)  # the quickstart's row: best metric, time to best, optimisation and wall time
+        ours = result_row(path, state)  # the quickstart's row: best metric, time to best, optimisation and wall time
         rows.append(
             row | {
                 "status": "done", "compression_rate": ours["compression_rate"], "teacher_top1": ours["teacher_metric"],

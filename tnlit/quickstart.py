@@ -23,7 +23,7 @@ from typing import Any
 
 from tnlit.atomic import atomic_path, atomic_text
 
-__all__ = ["quickstart", "train_teacher"]
+__all__ = ["quickstart", "result_row", "train_teacher"]
 
 # Per task: the metric's key in state.json, its label, and whether higher is better.
 _METRICS = {"classification": ("top1", "top-1 accuracy (%)", True), "causal_lm": ("perplexity", "perplexity", False)}
@@ -67,7 +67,7 @@ def quickstart(
     for i, path in enumerate(runs, 1):
         print(f"\n[{i}/{len(runs)}] tnlit compress --config {path}", flush=True)
         state = run_command(["compress", "--config", str(path), f"--progress={str(progress).lower()}"])
-        rows.append(_row(path, state))
+        rows.append(result_row(path, state))
         print(f"[{i}/{len(runs)}] {path.stem}: {_summary(rows[-1])}", flush=True)
     total_s = time.perf_counter() - started
 
@@ -139,8 +139,10 @@ def train_teacher(config: Path, out_dir: Path, *, progress: bool = True) -> dict
 # ------------------------------------------------------------------------------------------ results
 
 
-def _row(config: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """One results row from a finished run's config and state."""
+def result_row(config: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """One results row from a compress config (it must set ``run_dir``) and the state its finished run returned:
+    teacher, method, CRs, start / final / best metric, optimisation time to the best and in all, wall time, and
+    the curve (optimisation seconds, metric) from the start."""
     import yaml
 
     run_dir = yaml.safe_load(config.read_text()).get("run_dir")
