@@ -22,7 +22,7 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_pipeline import PLAN, TokenData
 from tnlit.methods.slice_distill import SliceDistillation
-from tnlit.pipeline import SliceSettings, compress
+from tnlit.pipeline import FinetuneSettings, SliceSettings, compress
 
 fail_rank = os.environ.get("FAIL_RANK")
 if fail_rank is not None and os.environ["RANK"] == fail_rank:
@@ -33,16 +33,19 @@ if fail_rank is not None and os.environ["RANK"] == fail_rank:
 state = compress(
     teacher="tiny-gpt2", data=TokenData(), plan=PLAN, task="causal_lm", run_dir=Path(sys.argv[1]), accelerator="cpu",
     progress=False, slicewise=SliceSettings(mode=sys.argv[2], epochs=2, lr=1e-2),
+    method=sys.argv[3] if len(sys.argv) > 3 else "slicewise", finetune=FinetuneSettings(epochs=2, lr=1e-3),
 )
 print("RESULT", os.environ["RANK"], "done" if state.get("done") else "worker", flush=True)
 """
 
 
-def torchrun(tmp_path: Path, run_dir: Path, mode: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+def torchrun(
+    tmp_path: Path, run_dir: Path, mode: str, method: str = "slicewise", timeout: float = 240, **env: str
+) -> subprocess.CompletedProcess:
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(Path(__file__).parent)))
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), str(run_dir), mode]
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), str(run_dir), mode, method]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environ)
 
 
@@ -114,3 +117,18 @@ def test_a_failure_on_one_rank_ends_every_rank_with_its_error(tmp_path, rank):
     assert said in out, out[-4000:]
     assert not (tmp_path / "job/student.safetensors").exists()
     assert not (tmp_path / f"job/slices/transformer.h.{rank}.mlp.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+def test_torchrun_hybrid_shares_the_slices_then_finetunes_under_ddp(tmp_path):
+    job = torchrun(tmp_path, tmp_path / "job", "stream", "hybrid")
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    state = json.loads((tmp_path / "job/state.json").read_text())
+    assert state["done"] and state["final_metric"] == state["metrics"]["global"]
+    assert state["metrics"]["slicewise"] != state["metrics"]["global"]
+    # Both ranks trained the global phase (DDP: half the batches each); rank 0 alone wrote the run's files.
+    worker = json.loads((tmp_path / "job/ranks/rank1/state.json").read_text())
+    assert worker["times"]["global"]["optimisation_s"] > 0 and state["times"]["global"]["optimisation_s"] > 0
+    assert (tmp_path / "job/global.safetensors").exists()
+    assert "in distributed setting" in job.stderr, "Lightning's DDP ran the global phase (its sync_dist warning)"

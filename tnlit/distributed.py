@@ -11,6 +11,9 @@ done, then assembles, evaluates and writes the student once.
 - **Per-rank work**: each rank keeps its state, epoch checkpoints and activation store under
   ``run_dir/ranks/rank<r>/``; its training times are merged into rank 0's ``state.json`` (``times`` and
   ``distributed``). Rerunning resumes: finished slices are loaded, not trained again, whatever the number of ranks.
+- **Global phase** (``global``, or the hybrid's second half): every rank trains it together under Lightning's DDP
+  (this process group: NCCL for CUDA tensors, gloo otherwise), the data split between ranks by Lightning's
+  distributed sampler; rank 0 writes the result and the run's state, each other rank its times in its directory.
 - **Failures**: torch.distributed's key-value store is the only channel (the process group uses gloo, for
   coordination only: no tensor is ever communicated). A rank whose call raises posts its error there; the others
   look for it after every training step and while they wait, and raise :class:`PeerFailure` naming the rank and its
@@ -79,6 +82,12 @@ class Ranks:
         on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
         return [self.local_rank] if on_gpu else 1
 
+    def ddp(self, accelerator: str) -> dict[str, Any]:
+        """Lightning's arguments for a phase that every rank trains together (the global phase: DDP)."""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0])
+        local = local or self.world_size
+        return {"strategy": "ddp", "devices": local, "num_nodes": max(1, self.world_size // local)}
+
     # ------------------------------------------------------------------ signals
 
     def announce(self, what: str) -> None:
@@ -143,13 +152,15 @@ def join(timeout_s: float = 1800.0) -> Iterator[Ranks]:
 
     env = TorchElasticEnvironment() if TorchElasticEnvironment.detect() else SLURMEnvironment()
     rank, world_size, local_rank = env.global_rank(), env.world_size(), env.local_rank()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())  # so that "cuda" means this rank's GPU
     created = not dist.is_initialized()
     if created:
         os.environ.setdefault("MASTER_ADDR", env.main_address)
         os.environ.setdefault("MASTER_PORT", str(env.main_port))
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())  # so that "cuda" means this rank's GPU
+        # gloo coordinates; NCCL carries the global phase's DDP gradients on GPUs (Lightning reuses this group).
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     store = dist.distributed_c10d._get_default_store()
     ranks = Ranks(rank, world_size, local_rank, store)
     saved_rank, rank_zero_only.rank = getattr(rank_zero_only, "rank", 0), 0

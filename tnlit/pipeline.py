@@ -240,7 +240,7 @@ def compress(
     student, report = tensorize(model, plan)
     slices = make_slices(student, slicewise.granularity, slicewise.block_pattern) if method != "global" else []
     if ranks is not None and not ranks.main:
-        return _rank_worker(ranks, model, student, data, slices, slicewise, run_dir, config, accelerator, seed)
+        return _rank_worker(ranks, model, student, data, slices, run_dir, config, slicewise, finetune)
     state = _open_run_dir(run_dir, config, overwrite)
     report.to_csv(run_dir / "report.csv")
     report.to_json(run_dir / "report.json")
@@ -273,17 +273,9 @@ def compress(
             _save_state(run_dir, state)
 
     if method in ("global", "hybrid"):
-        done = run_dir / "global.safetensors"
-        if done.exists():
-            _load_factors(student, done)
-        else:
-            module = GlobalFinetune(
-                student, task=task, teacher=model if finetune.kd_weight else None, lr=finetune.lr,
-                weight_decay=finetune.weight_decay, schedule=finetune.schedule, warmup_steps=finetune.warmup_steps,
-                kd_weight=finetune.kd_weight, temperature=finetune.temperature,
-            )  # fmt: skip
-            _fit(module, data, run_dir, state, "global", finetune.epochs, **trainer_args)
-            _atomic_save(_factor_state(student), done)
+        if ranks is not None:  # every rank of the job takes part: Lightning's DDP
+            trainer_args = {**trainer_args, **ranks.ddp(accelerator)}
+        _global_phase(model, student, data, task, finetune, run_dir, state, trainer_args)
         state.setdefault("metrics", {})
         if "global" not in state["metrics"]:
             state["metrics"]["global"] = _evaluate(student, data, task, accelerator)
@@ -555,18 +547,21 @@ def _fit(
     module: LightningModule, data: LightningDataModule, run_dir: Path, state: dict[str, Any], phase: str, epochs: int,
     *, accelerator: str, precision: str | None, progress: bool, seed: int, loggers: _Loggers,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None, devices: list[int] | int = 1,
-    callbacks: Sequence[Callback] = (),
+    callbacks: Sequence[Callback] = (), strategy: str = "auto", num_nodes: int = 1, state_dir: Path | None = None,
 ) -> None:  # fmt: skip
     """Train one phase, resuming from its last epoch checkpoint when there is one; ``evaluate`` (the student's
-    metric) is called after every epoch when given. ``devices``: one device (a rank of a job names its own GPU)."""
+    metric) is called after every epoch when given. ``devices``: one device (a rank of a job names its own GPU), or
+    with ``strategy="ddp"`` every process of a job; ``state_dir``: where ``state`` is saved (default: run_dir)."""
     seed_everything(seed, workers=True, verbose=False)  # the same data order in every phase and mode
     ckpt_dir = run_dir / "ckpt" / phase.replace(":", "_")
     last = ckpt_dir / "last.ckpt"
-    callbacks = [*callbacks, _epoch_checkpoint(ckpt_dir), timer := _OptimisationTimer(state, phase, run_dir)]
+    state_dir = state_dir or run_dir
+    callbacks = [*callbacks, _epoch_checkpoint(ckpt_dir), timer := _OptimisationTimer(state, phase, state_dir)]
     if evaluate is not None:
         callbacks.append(_EpochEvaluation(state, run_dir, phase, evaluate))
     trainer = Trainer(
-        max_epochs=epochs, accelerator=accelerator, precision=precision, devices=devices,
+        max_epochs=epochs, accelerator=accelerator, precision=precision, devices=devices, strategy=strategy,
+        num_nodes=num_nodes,
         logger=loggers.for_phase(phase),
         callbacks=callbacks,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -578,7 +573,7 @@ def _fit(
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # Lightning vs torch 2.14
         trainer.fit(module, datamodule=data, ckpt_path=_usable_checkpoint(last), weights_only=True)
     timer.times["wall_s"] += time.perf_counter() - started
-    _save_state(run_dir, state)
+    _save_state(state_dir, state)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
@@ -636,10 +631,11 @@ def _train_share(
 
     sizes = [sum(p.numel() for p in factor_parameters([SliceModule(student, s)])) for s in slices]
     reports = distributed.train_share(ranks, [s.name for s in slices], sizes, train)
-    if not ranks.main:
-        return
+    # Every rank: the hybrid's global phase starts from the whole slice-wise student on each.
     if not _load_slices(run_dir, student, slices):
         raise RunDirError(f"every rank finished, yet {run_dir / 'slices'} lacks slices of this student")
+    if not ranks.main:
+        return
     times = state.setdefault("times", {})
     for report in reports:
         times.update(report["times"])
@@ -655,18 +651,43 @@ def _train_share(
 
 def _rank_worker(
     ranks: distributed.Ranks, model: nn.Module, student: nn.Module, data: LightningDataModule, slices: list[Slice],
-    settings: SliceSettings, run_dir: Path, config: dict[str, Any], accelerator: str, seed: int,
+    run_dir: Path, config: dict[str, Any], slicewise: SliceSettings, finetune: FinetuneSettings,
 ) -> dict[str, Any]:  # fmt: skip
     """A rank above 0: once rank 0 has claimed the run directory and prepared the data, train this rank's share of
-    the slices (CSV logs only, no progress bars) and wait for the others; rank 0 does everything else."""
+    the slices (CSV logs only, no progress bars) and wait for the others, then take part in the global phase's DDP;
+    rank 0 evaluates and writes everything else."""
     ranks.wait_for(["run_dir"])
     data.prepare_data()  # after rank 0's: a cache rank 0 built is found, not built again
     data.setup("fit")
-    trainer_args = {"accelerator": accelerator, "precision": config["precision"], "progress": False, "seed": seed,
-                    "loggers": _Loggers(LogSettings(), run_dir, {}, config), "evaluate": None}  # fmt: skip
+    trainer_args = {"accelerator": config["accelerator"], "precision": config["precision"], "progress": False,
+                    "seed": config["seed"], "loggers": _Loggers(LogSettings(), run_dir, {}, config),
+                    "evaluate": None}  # fmt: skip
     if slices:
-        _train_share(ranks, model, student, data, slices, settings, run_dir, {}, trainer_args)
+        _train_share(ranks, model, student, data, slices, slicewise, run_dir, {}, trainer_args)
+    if config["method"] in ("global", "hybrid"):
+        work_dir = run_dir / "ranks" / f"rank{ranks.rank}"  # its times; rank 0 writes the run's state
+        trainer_args = {**trainer_args, **ranks.ddp(config["accelerator"]), "state_dir": work_dir}
+        _global_phase(model, student, data, config["task"], finetune, run_dir, {}, trainer_args)
     return {"rank": ranks.rank, "world_size": ranks.world_size}
+
+
+def _global_phase(
+    model: nn.Module, student: nn.Module, data: LightningDataModule, task: Task, finetune: FinetuneSettings,
+    run_dir: Path, state: dict[str, Any], trainer_args: dict[str, Any],
+) -> None:  # fmt: skip
+    """Global finetuning of the student's factors, or its earlier result (``global.safetensors``) loaded."""
+    done = run_dir / "global.safetensors"
+    if done.exists():
+        _load_factors(student, done)
+        return
+    module = GlobalFinetune(
+        student, task=task, teacher=model if finetune.kd_weight else None, lr=finetune.lr,
+        weight_decay=finetune.weight_decay, schedule=finetune.schedule, warmup_steps=finetune.warmup_steps,
+        kd_weight=finetune.kd_weight, temperature=finetune.temperature,
+    )  # fmt: skip
+    _fit(module, data, run_dir, state, "global", finetune.epochs, **trainer_args)
+    if trainer_args.get("state_dir") is None:  # one writer: the run's own process, or rank 0 of a job
+        _atomic_save(_factor_state(student), done)
 
 
 def _epoch_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
