@@ -89,6 +89,7 @@ def test_torchrun_resumes_per_slice(tmp_path):
     job = torchrun(tmp_path, tmp_path / "job", "serial")
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     state = json.loads((tmp_path / "job/state.json").read_text())
+    assert {"cache:rank0", "cache:rank1"} <= set(state["times"]), "each rank built its own activation store"
     # One slice lost, one kept: only the lost one trains again, to the same weights.
     lost = tmp_path / "job/slices/transformer.h.1.mlp.safetensors"
     kept = tmp_path / "job/slices/transformer.h.0.mlp.safetensors"

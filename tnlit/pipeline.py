@@ -638,7 +638,8 @@ def _train_share(
         return
     times = state.setdefault("times", {})
     for report in reports:
-        times.update(report["times"])
+        # Phases are named per slice or per rank; the store's build ("cache") is each rank's own.
+        times.update({k if k != "cache" else f"cache:rank{report['rank']}": v for k, v in report["times"].items()})
         report["optimisation_s"] = sum(t.get("optimisation_s", 0.0) for t in report["times"].values())
         report["wall_s"] = sum(t.get("wall_s", 0.0) for t in report["times"].values())
         del report["times"]
