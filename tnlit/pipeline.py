@@ -196,6 +196,9 @@ def compress(
 ) -> dict[str, Any]:
     """Compress a teacher by a plan and recover it slice-wise, globally, or both (hybrid); resumable.
 
+    Launched by ``torchrun --nproc_per_node N`` (or ``srun`` with N tasks), each process trains its share of the
+    slices, the global phase runs under DDP, and rank 0 writes the student (``tnlit.distributed``).
+
     Args:
         teacher: The dense model: a built-in name, a torchvision name, or a Hugging Face name / directory.
         data: The DataModule (``class_path`` + ``init_args``) whose train split trains and test split evaluates.
