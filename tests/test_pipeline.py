@@ -214,3 +214,40 @@ def test_teacher_weights_load_with_tied_embeddings_and_bad_files_say_so(tmp_path
         load_teacher("tiny-gpt2-bytes", tmp_path / "t.safetensors")
     with pytest.raises(FileNotFoundError, match="train the teacher first"):
         load_teacher("tiny-gpt2", tmp_path / "missing.safetensors")
+
+
+def test_finetune_batch_size_applies_to_the_global_phase_only(tmp_path, monkeypatch):
+    from tnlit.methods.global_finetune import GlobalFinetune
+
+    seen = {"slice": set(), "global": set()}
+    slice_step, global_step = SliceDistillation.training_step, GlobalFinetune.training_step
+
+    def record(kind, step):
+        def wrapped(self, batch, batch_idx):
+            seen[kind].add(len(batch))
+            return step(self, batch, batch_idx)
+
+        return wrapped
+
+    monkeypatch.setattr(SliceDistillation, "training_step", record("slice", slice_step))
+    monkeypatch.setattr(GlobalFinetune, "training_step", record("global", global_step))
+    data = TokenData()
+    stream = SliceSettings(mode="stream", epochs=1)
+    run(
+        tmp_path / "run",
+        method="hybrid",
+        data=data,
+        slicewise=stream,
+        finetune=FinetuneSettings(epochs=1, batch_size=4),
+    )
+    assert seen == {"slice": {8}, "global": {4}}
+    assert data.batch_size == 8, "the DataModule is given back as it came"
+
+    class NoAttribute(TokenData):
+        def __init__(self):
+            super().__init__()
+            del self.batch_size
+
+    with pytest.raises(ValueError, match="finetune.batch_size needs a DataModule"):
+        run(tmp_path / "other", method="global", data=NoAttribute(), finetune=FinetuneSettings(batch_size=4))
+    assert not (tmp_path / "other").exists()

@@ -34,7 +34,8 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -139,6 +140,10 @@ class FinetuneSettings:
 
     epochs: int = 1
     """Epochs over the training data."""
+    batch_size: int | None = None
+    """Train batch size of this phase (per process); None: the DataModule's. Lets a hybrid distil with small
+    batches and finetune with large ones from one DataModule (the paper: 8 and 64), which must keep its batch size
+    in a ``batch_size`` attribute, as tnlit's DataModules do."""
     lr: float = 5e-4
     """Adam learning rate (the paper: 5e-4 for ResNet-34 on CIFAR)."""
     weight_decay: float = 0.0
@@ -230,6 +235,11 @@ def compress(
     config = _plain(args)
     if method != "global":
         _check_slice_settings(slicewise)  # before the run directory is touched
+    if method != "slicewise" and finetune.batch_size is not None and not hasattr(data, "batch_size"):
+        raise ValueError(
+            f"finetune.batch_size needs a DataModule that keeps its batch size in a batch_size attribute; "
+            f"{type(data).__name__} has none: leave finetune.batch_size null and set the DataModule's batch size"
+        )
     if ranks is not None and eval_each_epoch:
         raise ValueError("eval_each_epoch needs a one-process run: the ranks' slices finish at different times")
     if ranks is not None and slicewise.inputs == "student":
@@ -689,9 +699,23 @@ def _global_phase(
         weight_decay=finetune.weight_decay, schedule=finetune.schedule, warmup_steps=finetune.warmup_steps,
         kd_weight=finetune.kd_weight, temperature=finetune.temperature,
     )  # fmt: skip
-    _fit(module, data, run_dir, state, "global", finetune.epochs, **trainer_args)
+    with _batch_size(data, finetune.batch_size):
+        _fit(module, data, run_dir, state, "global", finetune.epochs, **trainer_args)
     if trainer_args.get("state_dir") is None:  # one writer: the run's own process, or rank 0 of a job
         _atomic_save(_factor_state(student), done)
+
+
+@contextmanager
+def _batch_size(data: LightningDataModule, size: int | None) -> Iterator[None]:
+    """The DataModule's ``batch_size`` set to ``size`` for the block (None: left as it is)."""
+    if size is None:
+        yield
+        return
+    before, data.batch_size = data.batch_size, size
+    try:
+        yield
+    finally:
+        data.batch_size = before
 
 
 def _epoch_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:

@@ -142,6 +142,7 @@ class TokenizedTextDataModule(LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        self.batch_size = batch_size  # an attribute, as in tnlit's other DataModules: compress may set it per phase
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.tokens: dict[str, np.ndarray] = {}
@@ -251,7 +252,7 @@ class TokenizedTextDataModule(LightningDataModule):
     def _loader(self, dataset: _Windows | None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call prepare_data() and setup() before asking for a dataloader")
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.hparams.num_workers)
 
 
 def _cache_problem(root: Path, fingerprint: dict[str, Any] | None) -> str | None:
