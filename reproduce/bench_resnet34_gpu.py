@@ -129,7 +129,7 @@ def phases(config: dict[str, Any]) -> list[tuple[str, int, int]]:
     if config["method"] in ("slicewise", "hybrid"):
         out.append(("slicewise", batch, config["slicewise"]["epochs"]))
     if config["method"] in ("global", "hybrid"):
-        out.append(("global", batch, config["finetune"]["epochs"]))
+        out.append(("global", config["finetune"].get("batch_size") or batch, config["finetune"]["epochs"]))
     return out
 
 
