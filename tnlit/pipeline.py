@@ -134,6 +134,24 @@ def _check_slice_settings(settings: SliceSettings) -> None:
         )
 
 
+def _check_settings(
+    method: Method, slicewise: SliceSettings, finetune: FinetuneSettings, data: LightningDataModule,
+    eval_each_epoch: bool, *, distributed_job: bool,
+) -> None:  # fmt: skip
+    """Refuse settings that cannot work together, before anything is loaded, trained or written."""
+    if method != "global":
+        _check_slice_settings(slicewise)
+    if method != "slicewise" and finetune.batch_size is not None and not hasattr(data, "batch_size"):
+        raise ValueError(
+            f"finetune.batch_size needs a DataModule that keeps its batch size in a batch_size attribute; "
+            f"{type(data).__name__} has none: leave finetune.batch_size null and set the DataModule's batch size"
+        )
+    if distributed_job and eval_each_epoch:
+        raise ValueError("eval_each_epoch needs a one-process run: the ranks' slices finish at different times")
+    if distributed_job and slicewise.inputs == "student":
+        raise ValueError("slicewise.inputs=student needs a one-process run: earlier slices train on other ranks")
+
+
 @dataclass
 class FinetuneSettings:
     """Global finetuning settings (the baseline, and the second half of the hybrid)."""
@@ -233,17 +251,7 @@ def compress(
     ranks = distributed.current()
     run_dir = Path(run_dir)
     config = _plain(args)
-    if method != "global":
-        _check_slice_settings(slicewise)  # before the run directory is touched
-    if method != "slicewise" and finetune.batch_size is not None and not hasattr(data, "batch_size"):
-        raise ValueError(
-            f"finetune.batch_size needs a DataModule that keeps its batch size in a batch_size attribute; "
-            f"{type(data).__name__} has none: leave finetune.batch_size null and set the DataModule's batch size"
-        )
-    if ranks is not None and eval_each_epoch:
-        raise ValueError("eval_each_epoch needs a one-process run: the ranks' slices finish at different times")
-    if ranks is not None and slicewise.inputs == "student":
-        raise ValueError("slicewise.inputs=student needs a one-process run: earlier slices train on other ranks")
+    _check_settings(method, slicewise, finetune, data, eval_each_epoch, distributed_job=ranks is not None)
     _refuse_another_config(run_dir, config, overwrite)  # in seconds, before the teacher loads
     seed_everything(seed, workers=True, verbose=False)
 
