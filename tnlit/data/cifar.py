@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from tnlit.data.splits import ImageLoaders, held_out_split
 
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "CIFARDataModule", "CIFARImages", "write_made_cifar"]
 
@@ -53,7 +55,7 @@ class CIFARImages(Dataset):
         return image, self.labels[index]
 
 
-class CIFARDataModule(LightningDataModule):
+class CIFARDataModule(ImageLoaders, LightningDataModule):
     """CIFAR-10 or CIFAR-100 (``name``); use :class:`CIFAR10DataModule` / :class:`CIFAR100DataModule` in configs."""
 
     name: ClassVar[str] = "cifar10"
@@ -142,43 +144,13 @@ class CIFARDataModule(LightningDataModule):
         if self.train_dataset is not None:
             return
         images, labels = self._read(self.train_files)
-        n = len(labels)
-        if not 0 <= self.val_size < n:
-            raise ValueError(f"val_size must be in 0..{n - 1}, got {self.val_size}")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        val, pool = order[: self.val_size], order[self.val_size :]
-        if self.train_size is not None:
-            if not 0 < self.train_size <= len(pool):
-                raise ValueError(
-                    f"train_size must be in 1..{len(pool)} ({n} train images, {self.val_size} held out), "
-                    f"got {self.train_size}"
-                )
-            # A separate generator: the subset of 10k is the start of the subset of 30k, and val does not move.
-            pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed + 1))
-            pool = pool[pick[: self.train_size]]
+        pool, val = held_out_split(len(labels), self.val_size, self.train_size, self.seed)
         self.indices = {"train": pool, "val": val}
         mean, std = torch.tensor(self.mean), torch.tensor(self.std)
         self.train_dataset = CIFARImages(images[pool], labels[pool], mean, std, augment=self.augment)
         test_images, test_labels = self._read(self.test_files)
         self.test_dataset = CIFARImages(test_images, test_labels, mean, std)
         self.val_dataset = CIFARImages(images[val], labels[val], mean, std) if self.val_size else self.test_dataset
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
-
-    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-        )  # fmt: skip
 
 
 class CIFAR10DataModule(CIFARDataModule):

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
+
+from tnlit.data.splits import ImageLoaders, held_out_split
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageNetDataModule"]
 
@@ -27,7 +29,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageNetDataModule(LightningDataModule):
+class ImageNetDataModule(ImageLoaders, LightningDataModule):
     """ImageNet from an ImageFolder root (train/ and val/), with the standard 224x224 transforms."""
 
     def __init__(
@@ -106,36 +108,10 @@ class ImageNetDataModule(LightningDataModule):
                 f"({len(train.classes)} and {len(test.classes)}): the labels would not match"
             )
         self.classes = train.classes
-        n = len(train)
-        if not 0 <= self.val_size < n:
-            raise ValueError(f"val_size must be in 0..{n - 1}, got {self.val_size}")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        val, pool = order[: self.val_size], order[self.val_size :]
-        if self.train_size is not None:
-            if not 0 < self.train_size <= len(pool):
-                raise ValueError(f"train_size must be in 1..{len(pool)}, got {self.train_size}")
-            pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed + 1))
-            pool = pool[pick[: self.train_size]]
+        pool, val = held_out_split(len(train), self.val_size, self.train_size, self.seed)
         self.train_dataset = Subset(train, _ints(pool))
         self.val_dataset = Subset(held, _ints(val)) if self.val_size else test
         self.test_dataset = test
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
-
-    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-        )  # fmt: skip
 
 
 def _ints(indices: Tensor) -> list[int]:
