@@ -26,3 +26,15 @@ def tiny_gpt2(n_layer: int = 2, n_embd: int = 32):
         n_embd=n_embd, n_layer=n_layer, n_head=4, n_positions=64, vocab_size=101, bos_token_id=100, eos_token_id=100
     )
     return GPT2LMHeadModel(cfg).eval()
+
+
+def reproduce_script(name: str):
+    """The script ``reproduce/<name>.py`` imported as a module (the folder is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "reproduce" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

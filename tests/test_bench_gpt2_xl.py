@@ -1,16 +1,12 @@
 """reproduce/bench_gpt2_xl_gpu.py --quick runs anywhere and writes its table (the real run waits for a GPU)."""
 
 import csv
-import importlib.util
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "reproduce" / "bench_gpt2_xl_gpu.py"
+from conftest import reproduce_script
 
 
 def test_quick_bench_writes_its_table(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_gpt2_xl_gpu", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = reproduce_script("bench_gpt2_xl_gpu")
     bench.main(["--quick", "--steps", "1", "--device", "cpu", "--out", str(tmp_path)])
     rows = list(csv.DictReader((tmp_path / "bench_gpt2_xl_gpu.csv").open()))
     assert [r["measure"].split()[0] for r in rows] == ["slice", "teacher", "stream"]

@@ -1,19 +1,16 @@
 """reproduce/bench_resnet34_gpu.py runs (on CPU: --quick), measuring both phases and each table row's time."""
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import reproduce_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_resnet34_gpu", ROOT / "reproduce" / "bench_resnet34_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return reproduce_script("bench_resnet34_gpu")
 
 
 def test_a_stream_step_is_timed_and_each_row_has_its_phases():

@@ -2,18 +2,14 @@
 a torchrun job of 2 CPU processes) end to end and writes the quality and time tables beside the paper's."""
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "reproduce" / "gpt2_xl.py"
+from conftest import reproduce_script
 
 
 def script(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("gpt2_xl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = reproduce_script("gpt2_xl")
     monkeypatch.setattr(module, "SMOKE", tmp_path / "smoke")
     return module
 

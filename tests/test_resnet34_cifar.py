@@ -1,22 +1,19 @@
 """reproduce/resnet34_cifar.py: the --smoke run end to end on made CIFAR data, and the one-run-per-GPU scheduler."""
 
 import csv
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import reproduce_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("resnet34_cifar", ROOT / "reproduce" / "resnet34_cifar.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return reproduce_script("resnet34_cifar")
 
 
 def _smoke(tmp_path, monkeypatch, only):

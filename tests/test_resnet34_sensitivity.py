@@ -50,14 +50,10 @@ def test_sweep_measures_each_layer_alone_and_writes_csv_plot_and_a_plan_compress
 
 @pytest.mark.slow
 def test_the_script_runs_end_to_end_on_made_data(tmp_path, monkeypatch):
-    import importlib.util
-    from pathlib import Path
+    from conftest import reproduce_script
 
     monkeypatch.chdir(tmp_path)
-    path = Path(__file__).resolve().parents[1] / "reproduce" / "resnet34_sensitivity.py"
-    spec = importlib.util.spec_from_file_location("resnet34_sensitivity", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = reproduce_script("resnet34_sensitivity")
     assert script.main(["--smoke", "--dataset", "cifar100", "--k", "3"]) == 0
     out = tmp_path / "runs/resnet34_smoke/results"
     assert len(yaml.safe_load((out / "resnet34_cifar100_sensitivity_plan.yaml").read_text())["plan"]["exclude"]) == 3
