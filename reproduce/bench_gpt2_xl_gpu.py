@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import statistics
 import time
 from collections.abc import Callable
@@ -37,7 +35,7 @@ import torch.nn.functional as F
 
 from tnlit import Rule, TensorizePlan, tensorize
 from tnlit.activations import capture
-from tnlit.atomic import atomic_text
+from tnlit.atomic import atomic_csv, atomic_text
 from tnlit.methods.common import factor_parameters
 from tnlit.provenance import write_provenance
 from tnlit.slices import SliceModule, make_slices
@@ -163,11 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if isinstance(value, float):
                 row[key] = round(value, 2)
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_text(out / "bench_gpt2_xl_gpu.csv", buffer.getvalue())
+    atomic_csv(out / "bench_gpt2_xl_gpu.csv", rows, FIELDS)
     name = "GPT-2 XL" if not args.quick else "a 4-layer width-256 GPT-2 (--quick)"
     lines = [f"# Slice-wise training speed: {name}, MLPs as two-site MPOs at CR 0.48, {batch} x {seq} tokens a batch",
              "", f"Written by reproduce/bench_gpt2_xl_gpu.py on {device}; implied minutes are for the paper's "

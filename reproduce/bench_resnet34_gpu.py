@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, Dataset
 
 import tnlit.pipeline  # noqa: F401 - its logging filter quiets Lightning's advert at every Trainer
-from tnlit.atomic import atomic_text
+from tnlit.atomic import atomic_csv, atomic_text
 from tnlit.methods.global_finetune import GlobalFinetune
 from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.models.resnet import cifar_resnet34
@@ -133,14 +132,6 @@ def phases(config: dict[str, Any]) -> list[tuple[str, int, int]]:
     return out
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -192,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     throughput = list(measured.values())
-    atomic_text(out / "bench_resnet34_gpu.csv", _csv(throughput))
-    atomic_text(out / "bench_resnet34_gpu_rows.csv", _csv(implied))
+    atomic_csv(out / "bench_resnet34_gpu.csv", throughput, list(throughput[0]))
+    atomic_csv(out / "bench_resnet34_gpu_rows.csv", implied, list(implied[0]))
     from tnlit.provenance import provenance
 
     facts = provenance()

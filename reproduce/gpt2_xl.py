@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import subprocess
@@ -37,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from tnlit.atomic import atomic_text
+from tnlit.atomic import atomic_csv, atomic_text
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "reproduce" / "paper_gpt2_xl.csv"
@@ -52,14 +51,6 @@ TIME_FIELDS = ["run", "gpus", "status", "optimisation_min", "wall_min", "slowest
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open() as f:
         return list(csv.DictReader(f))
-
-
-def write_csv(rows: list[dict[str, Any]], fields: list[str], path: Path) -> None:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_text(path, out.getvalue())
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -176,7 +167,7 @@ def tables(
             held_out[name] = _round(states[name]["final_metric"]["perplexity"])
     rows.append(held_out)
     fields = ["benchmark", "metric", "dense", "slicewise", "global", "paper_dense", "paper_slicewise", "paper_global"]
-    write_csv(rows, fields, results / "gpt2_xl.csv")
+    atomic_csv(results / "gpt2_xl.csv", rows, fields, extrasaction="ignore")
 
     paper_time = {r["run"]: r["paper_min"] for r in read_csv(PAPER_TIME)}
     times = []
@@ -191,7 +182,7 @@ def tables(
         if run == "slicewise":
             row["run"] = "stream"
         times.append(row)
-    write_csv(times, TIME_FIELDS, results / "gpt2_xl_time.csv")
+    atomic_csv(results / "gpt2_xl_time.csv", times, TIME_FIELDS, extrasaction="ignore")
 
     lines = ["# GPT-2 XL, MLPs as two-site MPOs at per-matrix CR 0.48 (whole-model CR 0.30)", "",
              "Written by reproduce/gpt2_xl.py. Ours beside the paper's (`paper_*`, PAPER.md section 1). LAMBADA "

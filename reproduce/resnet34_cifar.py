@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import re
@@ -37,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from tnlit.atomic import atomic_path, atomic_text
+from tnlit.atomic import atomic_csv, atomic_path, atomic_text
 from tnlit.quickstart import result_row, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,14 +241,6 @@ def warn_stale(runs: list[tuple[str, Path]]) -> None:
                   "row on the new teacher; it is left out of the table", flush=True)  # fmt: skip
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_text(path, out.getvalue())
-
-
 def markdown(rows: list[dict[str, Any]], note: str) -> str:
     paper = paper_numbers()
     lines = ["# ResNet-34 on CIFAR: ours beside the paper's", "", note, ""]
@@ -367,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.perf_counter() - started
 
     results.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, results / "resnet34_cifar.csv")
+    atomic_csv(results / "resnet34_cifar.csv", rows, FIELDS, extrasaction="ignore")
     where = f"{len(gpus)} GPU(s) ({','.join(gpus)})" if gpus else "this process (CPU or one GPU)"
     note = (
         f"Written by `python reproduce/resnet34_cifar.py{' --smoke' if args.smoke else ''}` on {where}; this "

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import csv
+import io
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
-__all__ = ["atomic_path", "atomic_text"]
+__all__ = ["atomic_csv", "atomic_path", "atomic_text"]
 
 
 @contextlib.contextmanager
@@ -26,3 +29,18 @@ def atomic_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def atomic_csv(
+    path: str | Path,
+    rows: Iterable[Mapping[str, Any]],
+    fields: Sequence[str],
+    extrasaction: Literal["raise", "ignore"] = "raise",
+) -> None:
+    """Write ``rows`` as CSV under the header ``fields`` to ``path`` atomically; ``extrasaction="ignore"`` drops
+    keys outside ``fields`` (the default refuses them, as ``csv.DictWriter`` does)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(fields), extrasaction=extrasaction, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_text(path, out.getvalue())

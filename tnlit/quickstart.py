@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import re
 import time
@@ -21,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tnlit.atomic import atomic_path, atomic_text
+from tnlit.atomic import atomic_csv, atomic_path, atomic_text
 
 __all__ = ["quickstart", "result_row", "train_teacher"]
 
@@ -72,7 +70,7 @@ def quickstart(
     total_s = time.perf_counter() - started
 
     results.mkdir(parents=True, exist_ok=True)
-    _write_csv(rows, results / "quickstart.csv")
+    atomic_csv(results / "quickstart.csv", rows, [k for k in rows[0] if k != "curve"], extrasaction="ignore")
     atomic_text(results / "quickstart.md", _markdown(rows, teacher_facts, total_s))
     _plot(rows, results / "quickstart.png")
     from tnlit.provenance import write_provenance
@@ -177,15 +175,6 @@ def _summary(row: dict[str, Any]) -> str:
         f"{row['metric']} {row['init_metric']} -> {row['final_metric']} (teacher {row['teacher_metric']}), "
         f"CR {row['compression_rate']}, {row['optimisation_s']} s optimisation"
     )
-
-
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    fields = [k for k in rows[0] if k != "curve"]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_text(path, out.getvalue())
 
 
 def _markdown(rows: list[dict[str, Any]], teachers: dict[str, Any], total_s: float) -> str:

@@ -10,9 +10,7 @@ model's. The k layers that cost most are the plan's ``exclude``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tnlit.atomic import atomic_path, atomic_text
+from tnlit.atomic import atomic_csv, atomic_path, atomic_text
 from tnlit.evaluate import accuracy
 from tnlit.tensorize import Rule, TensorizePlan, _resolve, tensorize
 
@@ -88,15 +86,13 @@ def write_sensitivity(
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out.with_suffix(".csv"), "png": out.with_suffix(".png"), "plan": Path(f"{out}_plan.yaml")}
     excluded = {re.sub(r"\\(.)", r"\1", p) for p in plan.exclude}
-    buffer = io.StringIO()
-    fields = ["name", "shape", "ranks", "cr", "rel_error", "dense_top1", "top1", "drop", "excluded"]
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
+    table = []
     for r in rows:
         row = dataclasses.asdict(r) | {"dense_top1": round(dense, 3), "excluded": r.name in excluded}
         row["shape"], row["ranks"] = "x".join(map(str, r.shape)), "x".join(map(str, r.ranks))
-        writer.writerow(row)
-    atomic_text(paths["csv"], buffer.getvalue())
+        table.append(row)
+    fields = ["name", "shape", "ranks", "cr", "rel_error", "dense_top1", "top1", "drop", "excluded"]
+    atomic_csv(paths["csv"], table, fields)
     plan_data = {"plan": {"rules": [dataclasses.asdict(r) for r in plan.rules], "exclude": list(plan.exclude)}}
     for r in plan_data["plan"]["rules"]:  # only what was set: a compress config rejects none of it, reads it plainly
         for key in [key for key, value in r.items() if value is None or (key == "sites" and r["format"] != "mpo")]:
