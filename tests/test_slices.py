@@ -6,24 +6,24 @@ import pytest
 import torch
 import torchvision
 from conftest import tiny_gpt2
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 from tnlit import Rule, TensorizePlan, tensorize
-from tnlit.activations import capture
+from tnlit.activations import capture, capture_student
 from tnlit.methods.global_finetune import GlobalFinetune
 from tnlit.methods.slice_distill import SliceDistillation
-from tnlit.slices import Slice, make_slices
+from tnlit.slices import Slice, SliceModule, make_slices
 
 GPT2_MLP = r"transformer\.h\.\d+\.mlp\.c_(fc|proj)"
 
 
-def fit(module, data, epochs=2, batch_size=8):
+def fit(module, data, epochs=2, batch_size=8, callbacks=None):
     seed_everything(0)  # the same data order for every run
     loader = DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=True)
     trainer = Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_model_summary=False, callbacks=callbacks,
     )  # fmt: skip
     trainer.fit(module, loader)
 
@@ -78,7 +78,7 @@ def test_capture_stops_after_the_last_slice_and_matches_the_modules():
     assert torch.allclose(teacher.transformer.h[1].mlp(x), y)
 
 
-@pytest.mark.parametrize("inputs", ["teacher", "student"])
+@pytest.mark.parametrize("inputs", ["teacher", "student", "mix"])
 def test_distillation_lowers_every_slice_mse(inputs):
     teacher, student = gpt2_pair()
     slices = make_slices(student, "block")
@@ -90,6 +90,60 @@ def test_distillation_lowers_every_slice_mse(inputs):
     after = module.slice_losses((data,))
     assert all(after[k] < 0.7 * before[k] for k in before), (before, after)
     assert all(torch.equal(student.state_dict()[k], v) for k, v in dense_before.items()), "a frozen weight moved"
+
+
+def test_mixed_inputs_move_from_the_teacher_to_the_student():
+    teacher, student = gpt2_pair()
+    slices = make_slices(student, "block")
+    ids = torch.randint(0, 101, (4, 8))
+    pairs = capture(teacher, ids, slices)
+    teacher_inputs = {name: x for name, (x, _) in pairs.items()}
+    parts = {s.name: SliceModule(student, s) for s in slices}
+    with torch.no_grad():
+        at_teacher = capture_student(student, ids, slices, teacher_inputs, student_weight=0.0)
+        at_student = capture_student(student, ids, slices, teacher_inputs, student_weight=1.0)
+        alone = capture_student(student, ids, slices)
+        halfway = capture_student(student, ids, slices[1:], teacher_inputs, student_weight=0.5)
+    for name, (x, _) in pairs.items():
+        assert torch.allclose(at_teacher[name], parts[name](x), atol=1e-6), name
+        assert torch.allclose(at_student[name], alone[name]), name
+    # The second slice's input halfway: the mean of its teacher input and the student's first slice's output.
+    second = slices[1].name
+    student_entry = {}
+    hook = student.get_submodule(slices[1].entry).register_forward_pre_hook(
+        lambda _m, args: student_entry.setdefault("x", args[0])
+    )
+    with torch.no_grad():
+        capture_student(student, ids, slices[1:])
+    hook.remove()
+    blend = 0.5 * teacher_inputs[second] + 0.5 * student_entry["x"]
+    assert torch.allclose(halfway[second], parts[second](blend), atol=1e-5)
+    assert not torch.allclose(at_teacher[second], alone[second]), "teacher and student inputs should differ"
+
+    module = SliceDistillation(teacher, student, slices, inputs="mix")
+    weights = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            weights.append(pl_module.student_weight())
+
+    fit(module, (torch.randint(0, 101, (24, 8)),), epochs=2, callbacks=[Record()])
+    assert weights[0] == 0.0 and weights[-1] == 1.0
+    assert all(a < b for a, b in zip(weights, weights[1:])), weights
+
+
+def test_relative_loss_is_the_mse_over_the_target_energy():
+    teacher, student = gpt2_pair()
+    slices = make_slices(student, "block")
+    ids = torch.randint(0, 101, (8, 8))
+    mse = SliceDistillation(teacher, student, slices).slice_losses((ids,))
+    relative = SliceDistillation(teacher, student, slices, loss="relative").slice_losses((ids,))
+    pairs = capture(teacher, ids, slices)
+    for name, (_, y) in pairs.items():
+        assert torch.allclose(relative[name], mse[name] / y.pow(2).mean(), rtol=1e-5), name
+        assert 0 < relative[name] < 10
+    with pytest.raises(ValueError, match="loss must be"):
+        SliceDistillation(teacher, student, slices, loss="l1")
 
 
 def test_stream_and_serial_give_the_same_weights():

@@ -83,10 +83,26 @@ def capture(model: nn.Module, x: torch.Tensor, slices: Sequence[Slice]) -> dict[
     return {s.name: (entries[s.name], exits[s.name]) for s in slices}
 
 
-def capture_student(model: nn.Module, x: torch.Tensor, slices: Sequence[Slice]) -> dict[str, torch.Tensor]:
+def capture_student(
+    model: nn.Module,
+    x: torch.Tensor,
+    slices: Sequence[Slice],
+    teacher_inputs: dict[str, torch.Tensor] | None = None,
+    student_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
     """Run the student with gradients, cut at every slice entry, and return each slice's exit output.
 
     The input of each slice is the (detached) output of the student's earlier slices: each slice learns
-    to work on what the distilled network before it produces, while gradients stay inside the slice.
+    to work on what the distilled network before it produces, while gradients stay inside the slice. With
+    ``teacher_inputs`` (each slice's entry input in the teacher), a slice's input is the blend
+    ``w * student + (1 - w) * teacher`` with ``w = student_weight``: a curriculum from the paper's teacher inputs
+    (w = 0) to the student's own (w = 1).
     """
-    return _forward_to_last_exit(model, x, slices, lambda _name, args: (args[0].detach(), *args[1:]))
+
+    def cut(name: str, args: tuple) -> tuple:
+        x_in = args[0].detach()
+        if teacher_inputs is not None and student_weight < 1.0:
+            x_in = torch.lerp(teacher_inputs[name].to(x_in.dtype), x_in, student_weight)
+        return (x_in, *args[1:])
+
+    return _forward_to_last_exit(model, x, slices, cut)

@@ -99,9 +99,13 @@ class SliceSettings:
     cache_shuffle: bool = True
     """Visit the stored batches in a new order every epoch (seeded by seed + epoch). The store holds the batches of
     one pass over the data, whole: shuffling reorders batches, never the examples inside them. Off: stored order."""
-    inputs: Literal["teacher", "student"] = "teacher"
-    """A slice's input: the teacher's activation (the paper) or the distilled earlier slices' output (``student``
-    needs live forwards: ``stream`` mode, or ``serial`` with ``serial_source: teacher``)."""
+    inputs: Literal["teacher", "student", "mix"] = "teacher"
+    """A slice's input: the teacher's activation (the paper), the distilled earlier slices' output (``student``), or
+    ``mix``: a blend moving from the first to the second over the phase. ``student`` and ``mix`` need live forwards:
+    ``stream`` mode, or ``serial`` with ``serial_source: teacher``."""
+    loss: Literal["mse", "relative"] = "mse"
+    """``mse``, or ``relative``: each slice's MSE over its target's mean square (the fraction of its output energy
+    missed), comparable across slices and layers of any scale."""
     epochs: int = 1
     """Epochs over the training data (per slice in serial mode)."""
     lr: float = 1e-3
@@ -123,13 +127,14 @@ def _check_slice_settings(settings: SliceSettings) -> None:
     """Refuse slice-wise settings that cannot work, before anything is loaded or trained."""
     # The CLI checks these Literals; a call from Python does not.
     choices = {"mode": ("stream", "cache", "serial"), "serial_source": ("cache", "teacher"),
-               "cache_dtype": ("float32", "bfloat16", "float16")}  # fmt: skip
+               "cache_dtype": ("float32", "bfloat16", "float16"), "inputs": ("teacher", "student", "mix"),
+               "loss": ("mse", "relative")}  # fmt: skip
     for name, allowed in choices.items():
         if getattr(settings, name) not in allowed:
             raise ValueError(f"slicewise.{name} must be one of {', '.join(allowed)}, got {getattr(settings, name)!r}")
-    if settings.inputs == "student" and _uses_store(settings):
+    if settings.inputs != "teacher" and _uses_store(settings):
         raise ValueError(
-            "slicewise.inputs=student feeds each slice the output of the student's earlier slices, a live forward "
+            f"slicewise.inputs={settings.inputs} feeds each slice the output of the student's earlier slices, a live forward "
             "that stored activations cannot give: use mode=stream, or mode=serial with serial_source=teacher"
         )
 
@@ -148,8 +153,8 @@ def _check_settings(
         )
     if distributed_job and eval_each_epoch:
         raise ValueError("eval_each_epoch needs a one-process run: the ranks' slices finish at different times")
-    if distributed_job and slicewise.inputs == "student":
-        raise ValueError("slicewise.inputs=student needs a one-process run: earlier slices train on other ranks")
+    if distributed_job and slicewise.inputs != "teacher":
+        raise ValueError(f"slicewise.inputs={slicewise.inputs} needs a one-process run: earlier slices train on other ranks")
 
 
 @dataclass
@@ -618,6 +623,7 @@ def _train_slices(
         module = SliceDistillation(
             model if store is None else None, student, group, lr=settings.lr, weight_decay=settings.weight_decay,
             schedule=settings.schedule, warmup_steps=settings.warmup_steps, inputs=settings.inputs,
+            loss=settings.loss,
         )  # fmt: skip
         source = data if store is None else ActivationDataModule(
             store.root, [s.name for s in group], shuffle=settings.cache_shuffle, seed=trainer_args["seed"]

@@ -2,14 +2,20 @@
 
 One teacher forward per batch gives every slice its (input, target) pair, or a batch read back from an
 activation store carries the pairs (``{slice: (input, target)}``, no teacher needed); each slice's student
-modules map the input to a prediction, and the loss is the sum over slices of their MSE. Slices share no
+modules map the input to a prediction, and the loss is the sum over slices of their MSE (or relative MSE). Slices
+share no
 parameters and their inputs are detached, so the sum trains each slice exactly as if it trained alone: with
 all slices this is the ``stream`` (or ``cache``) mode, with one slice the ``serial`` mode, and the two give
 the same weights.
+
+A slice's input is the teacher's activation (the paper), the output of the student's earlier slices, or a blend
+that moves from the first to the second over the phase (``mix``): a slice trained on teacher inputs alone meets,
+once assembled, the errors of the slices before it, which it never saw.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -38,7 +44,8 @@ class SliceDistillation(FactorTraining, LightningModule):
         weight_decay: float = 0.0,
         schedule: Schedule = "constant",
         warmup_steps: int = 0,
-        inputs: Literal["teacher", "student"] = "teacher",
+        inputs: Literal["teacher", "student", "mix"] = "teacher",
+        loss: Literal["mse", "relative"] = "mse",
     ) -> None:
         """
         Args:
@@ -51,11 +58,16 @@ class SliceDistillation(FactorTraining, LightningModule):
             schedule: ``constant`` or ``cosine`` decay over the run, after ``warmup_steps`` of linear warm-up.
             warmup_steps: Optimizer steps of linear warm-up.
             inputs: ``teacher``: a slice's input is the teacher's activation (the paper); ``student``: the output
-                of the student's earlier (distilled) slices.
+                of the student's earlier (distilled) slices; ``mix``: ``w * student + (1 - w) * teacher`` with ``w``
+                rising linearly from 0 to 1 over the phase's optimizer steps.
+            loss: ``mse``: mean squared error; ``relative``: the MSE over the batch's mean squared target, so that
+                every slice's loss reads as the fraction of its output energy missed, whatever its scale.
         """
         super().__init__()
-        if inputs not in ("teacher", "student"):
-            raise ValueError(f"inputs must be 'teacher' or 'student', got {inputs!r}")
+        if inputs not in ("teacher", "student", "mix"):
+            raise ValueError(f"inputs must be 'teacher', 'student' or 'mix', got {inputs!r}")
+        if loss not in ("mse", "relative"):
+            raise ValueError(f"loss must be 'mse' or 'relative', got {loss!r}")
         self.save_hyperparameters(ignore=["teacher", "student", "slices"])
         self.teacher = teacher.requires_grad_(False) if teacher is not None else None
         self.student = student.requires_grad_(False)
@@ -74,19 +86,39 @@ class SliceDistillation(FactorTraining, LightningModule):
 
     def slice_losses(self, batch: Any) -> dict[str, torch.Tensor]:
         """MSE of every slice on one batch: a model batch, or ``{slice: (input, target)}`` from a cache."""
+        live = self.hparams.inputs != "teacher"
         if isinstance(batch, dict) and all(isinstance(v, (tuple, list)) for v in batch.values()):
             pairs = batch
-            if self.hparams.inputs == "student":
+            if live:
                 raise ValueError("student inputs need the model's input, not cached activations; use stream mode")
         elif self.teacher is None:
             raise ValueError("a model batch needs the teacher: give one, or batches of cached activations")
         else:
             pairs = capture(self.teacher, batch_input(batch), self.slices)
-        if self.hparams.inputs == "student":
-            outputs = capture_student(self.student, batch_input(batch), self.slices)
+        if live:
+            teacher_inputs = {name: x for name, (x, _) in pairs.items()}
+            outputs = capture_student(self.student, batch_input(batch), self.slices, teacher_inputs, self.student_weight())
         else:
             outputs = {name: self.parts[name](x) for name, (x, _) in pairs.items()}
-        return {name: F.mse_loss(outputs[name].float(), pairs[name][1].float()) for name in outputs}
+        return {name: self._loss(outputs[name].float(), pairs[name][1].float()) for name in outputs}
+
+    def student_weight(self) -> float:
+        """The weight of the student's own activations in a slice's input: 1 for ``student``, the phase's progress
+        (0 -> 1 over its optimizer steps) for ``mix``; validation uses the weight of the step it follows."""
+        if self.hparams.inputs != "mix":
+            return 1.0
+        trainer = self._trainer
+        total = trainer.estimated_stepping_batches if trainer is not None else 0
+        if not total or not math.isfinite(total):
+            return 1.0
+        return min(1.0, self.global_step / max(1, total - 1))
+
+    def _loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mse = F.mse_loss(prediction, target)
+        if self.hparams.loss == "relative":
+            # The target's energy is a constant of the batch: no gradient flows through the normaliser.
+            return mse / target.detach().pow(2).mean().clamp_min(1e-12)
+        return mse
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         losses = self.slice_losses(batch)
