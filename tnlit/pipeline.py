@@ -134,8 +134,8 @@ def _check_slice_settings(settings: SliceSettings) -> None:
             raise ValueError(f"slicewise.{name} must be one of {', '.join(allowed)}, got {getattr(settings, name)!r}")
     if settings.inputs != "teacher" and _uses_store(settings):
         raise ValueError(
-            f"slicewise.inputs={settings.inputs} feeds each slice the output of the student's earlier slices, a live forward "
-            "that stored activations cannot give: use mode=stream, or mode=serial with serial_source=teacher"
+            f"slicewise.inputs={settings.inputs} feeds each slice the output of the student's earlier slices, a live "
+            "forward that stored activations cannot give: use mode=stream, or mode=serial with serial_source=teacher"
         )
 
 
@@ -154,7 +154,9 @@ def _check_settings(
     if distributed_job and eval_each_epoch:
         raise ValueError("eval_each_epoch needs a one-process run: the ranks' slices finish at different times")
     if distributed_job and slicewise.inputs != "teacher":
-        raise ValueError(f"slicewise.inputs={slicewise.inputs} needs a one-process run: earlier slices train on other ranks")
+        raise ValueError(
+            f"slicewise.inputs={slicewise.inputs} needs a one-process run: earlier slices train on other ranks"
+        )
 
 
 @dataclass

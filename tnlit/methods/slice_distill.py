@@ -97,7 +97,8 @@ class SliceDistillation(FactorTraining, LightningModule):
             pairs = capture(self.teacher, batch_input(batch), self.slices)
         if live:
             teacher_inputs = {name: x for name, (x, _) in pairs.items()}
-            outputs = capture_student(self.student, batch_input(batch), self.slices, teacher_inputs, self.student_weight())
+            weight = self.student_weight()
+            outputs = capture_student(self.student, batch_input(batch), self.slices, teacher_inputs, weight)
         else:
             outputs = {name: self.parts[name](x) for name, (x, _) in pairs.items()}
         return {name: self._loss(outputs[name].float(), pairs[name][1].float()) for name in outputs}
