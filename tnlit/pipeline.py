@@ -58,7 +58,15 @@ from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.slices import Slice, SliceModule, make_slices
 from tnlit.tensorize import TensorizePlan, tensorize
 
-__all__ = ["FinetuneSettings", "LogSettings", "RunDirError", "SliceSettings", "compress", "load_teacher"]
+__all__ = [
+    "FinetuneSettings",
+    "InitSettings",
+    "LogSettings",
+    "RunDirError",
+    "SliceSettings",
+    "compress",
+    "load_teacher",
+]
 
 
 class _NoAdvert(logging.Filter):
@@ -202,6 +210,23 @@ class LogSettings:
     later. ``online``: streamed to the W&B server. ``disabled``: nothing. ``$WANDB_MODE``, when set, wins."""
 
 
+@dataclass
+class InitSettings:
+    """How the factors start: from the weights alone (SVD), or fitted to the layers' inputs (activation-aware)."""
+
+    method: Literal["svd", "activation"] = "svd"
+    """``svd``: TT-SVD / HOSVD / truncated SVD of each weight (the paper's), the least weight error. ``activation``:
+    the least error of each layer's output on calibration inputs, ``||(W' - W) X^T||`` with the full input
+    covariance: exact for low rank (whitened SVD, as SVD-LLM), alternating least squares over the cores for MPO and
+    Tucker, started from the SVD."""
+    calibration_batches: int = 8
+    """Training batches whose inputs the teacher's layers see, to estimate each layer's input covariance."""
+    sweeps: int = 4
+    """Alternating least-squares sweeps over the cores (MPO, Tucker)."""
+    damping: float = 1e-6
+    """Ridge added to each covariance, relative to its mean diagonal: keeps the fit unique where inputs never vary."""
+
+
 class RunDirError(RuntimeError):
     """A run directory that belongs to another config, or holds a checkpoint that cannot be used."""
 
@@ -223,6 +248,7 @@ def compress(
     progress: bool = True,
     log: LogSettings = LogSettings(),  # noqa: B008
     eval_each_epoch: bool = False,
+    init: InitSettings = InitSettings(),  # noqa: B008
 ) -> dict[str, Any]:
     """Compress a teacher by a plan and recover it slice-wise, globally, or both (hybrid); resumable.
 
@@ -249,6 +275,7 @@ def compress(
         eval_each_epoch: Also evaluate the student on the test split after every epoch of every phase, and record
             each point (phase, epoch, optimisation seconds so far over all phases, metric) in state.json's
             ``curve``: the metric against time, and the time to the best metric as the paper counts it.
+        init: How the factors start (SVD, or activation-aware from calibration batches of the train split).
     """
     args = dict(locals())
     if distributed.current() is None and distributed.launched():
@@ -274,6 +301,7 @@ def compress(
     report.to_json(run_dir / "report.json")
     data.prepare_data()
     data.setup("fit")
+    _initialise(model, student, data, init, run_dir, state, accelerator)
     if ranks is not None:
         ranks.announce("run_dir")  # the other ranks may now prepare their data and train
     loggers = _Loggers(log, run_dir, state, config)
@@ -373,12 +401,35 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
+def _with_defaults(old: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the settings it lacks at their defaults: a setting added to tnlit after a run started,
+    left at its default, computes what the run computed, so the run stays resumable (and finished)."""
+    import inspect
+
+    from tnlit.tensorize import Rule
+
+    defaults = _plain({name: p.default for name, p in inspect.signature(compress).parameters.items()
+                       if p.default is not inspect.Parameter.empty})  # fmt: skip
+    defaults["plan"] = _plain({"plan": TensorizePlan(rules=[])})["plan"]
+    rule = _plain({"rule": Rule(pattern=".", format="mpo")})["rule"]
+
+    def fill(value: Any, default: Any) -> Any:
+        if not isinstance(value, dict) or not isinstance(default, dict):
+            return value
+        return {**default, **{k: fill(v, default.get(k)) for k, v in value.items()}}
+
+    filled = fill(old, defaults)
+    if isinstance(filled.get("plan"), dict):
+        filled["plan"]["rules"] = [fill(r, rule) for r in filled["plan"].get("rules", [])]
+    return filled
+
+
 def _refuse_another_config(run_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
     """Raise RunDirError when the directory holds a run of another config and overwrite is off; reads only."""
     saved = run_dir / "config.json"
     if overwrite or not saved.exists():
         return
-    old = json.loads(saved.read_text())
+    old = _with_defaults(json.loads(saved.read_text()))
     if old != config:
         changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         raise RunDirError(
@@ -391,7 +442,7 @@ def _open_run_dir(run_dir: Path, config: dict[str, Any], overwrite: bool) -> dic
     """The run's state: fresh, or resumed when the directory holds a run of the same config."""
     _refuse_another_config(run_dir, config, overwrite)
     saved = run_dir / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != config:
+    if saved.exists() and _with_defaults(json.loads(saved.read_text())) != config:
         shutil.rmtree(run_dir)  # overwrite
     run_dir.mkdir(parents=True, exist_ok=True)
     if not saved.exists():
@@ -605,6 +656,37 @@ def _fit(
     shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
+def _initialise(
+    model: nn.Module, student: nn.Module, data: LightningDataModule, init: InitSettings, run_dir: Path,
+    state: dict[str, Any], accelerator: str,
+) -> None:  # fmt: skip
+    """Fit the student's factors to its layers' calibration inputs (``init.method: activation``), once: the fitted
+    factors are kept in ``init.safetensors`` and loaded on a resume; per-layer errors go to state.json ``init``, the
+    time to ``times.init`` (counted in the optimisation time: it is part of what the recipe costs)."""
+    if init.method == "svd":
+        return
+    done = run_dir / "init.safetensors"
+    if done.exists():
+        try:
+            _load_factors(student, done)
+            return
+        except Exception as err:  # noqa: BLE001 - a damaged file raises several types; it is only a cache
+            warnings.warn(f"{done} is unusable ({err}): fitting the initialisation again", stacklevel=2)
+    from tnlit.calibration import activation_init_, input_covariances
+    from tnlit.slices import tensorized_names
+
+    started = time.perf_counter()
+    device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+    names = tensorized_names(student)
+    covariances = input_covariances(model.to(device), data.train_dataloader(), names, init.calibration_batches)
+    errors = activation_init_(student.to(device), model, covariances, damping=init.damping, sweeps=init.sweeps)
+    seconds = time.perf_counter() - started
+    state["init"] = {name: {k: round(v, 6) for k, v in e.items()} for name, e in errors.items()}
+    state.setdefault("times", {})["init"] = {"optimisation_s": seconds, "wall_s": seconds}
+    _atomic_save(_factor_state(student), done)
+    _save_state(run_dir, state)
+
+
 def _train_slices(
     model: nn.Module, student: nn.Module, data: LightningDataModule, slices: list[Slice], settings: SliceSettings,
     run_dir: Path, work_dir: Path, state: dict[str, Any], trainer_args: dict[str, Any], phase: str = "slicewise",
@@ -687,6 +769,8 @@ def _rank_worker(
     the slices (CSV logs only, no progress bars) and wait for the others, then take part in the global phase's DDP;
     rank 0 evaluates and writes everything else."""
     ranks.wait_for(["run_dir"])
+    if config["init"]["method"] != "svd":  # rank 0 fitted the factors before it announced the run directory
+        _load_factors(student, run_dir / "init.safetensors")
     data.prepare_data()  # after rank 0's: a cache rank 0 built is found, not built again
     data.setup("fit")
     trainer_args = {"accelerator": config["accelerator"], "precision": config["precision"], "progress": False,
@@ -763,7 +847,10 @@ def _evaluate(model: nn.Module, data: LightningDataModule, task: Task, accelerat
     device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
     model.to(device)
     data.setup("test")
-    loader = data.test_dataloader()
-    if task == "classification":
-        return {"top1": accuracy(model, loader, device=device)}
-    return {"perplexity": perplexity(model, loader, device=device)}
+    key, measure = ("top1", accuracy) if task == "classification" else ("perplexity", perplexity)
+    metrics = {key: measure(model, data.test_dataloader(), device=device)}
+    # A DataModule with several evaluation texts (tnlit.data.text_sources) is also measured on each alone: a
+    # compression calibrated on some sources must be judged on every one, and on sources it never saw.
+    if callable(by_source := getattr(data, "test_dataloaders", None)):
+        metrics.update({f"{key}/{name}": measure(model, loader, device=device) for name, loader in by_source().items()})
+    return metrics
