@@ -172,3 +172,50 @@ def test_compress_help_documents_the_logging_options(capsys):
     for option in ("--log.wandb ", "--log.wandb_project", "--log.wandb_name", "--log.wandb_mode"):
         assert option in out
     assert "wandb sync" in out and "WANDB_MODE" in out
+
+
+def test_format_auto_and_a_budget_parse_from_a_compress_config(tmp_path, capsys):
+    config = tmp_path / "auto.yaml"
+    config.write_text(COMPRESS.format(rule="cr: 0.5", extra="", run_dir=tmp_path / "run").replace("mpo", "auto"))
+    parser = build_parser()
+    plan = parser.instantiate(parser.parse_args(["compress", "--config", str(config)]))["compress"]["plan"]
+    assert (plan.rules[0].format, plan.rules[0].cr, plan.budget) == ("auto", 0.5, None)
+    budgeted = tmp_path / "budget.yaml"
+    budgeted.write_text(
+        COMPRESS.format(rule="", extra="", run_dir=tmp_path / "run").replace("rules:", "budget: 0.3\n  rules:")
+    )
+    plan = parser.instantiate(parser.parse_args(["compress", "--config", str(budgeted)]))["compress"]["plan"]
+    assert (plan.rules[0].format, plan.budget) == ("mpo", 0.3)
+    with pytest.raises(SystemExit) as done:
+        main(["compress", "--config", str(budgeted), "--print_config"])
+    assert done.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["plan"]["budget"] == 0.3
+
+
+def test_report_with_format_auto_and_with_a_budget(capsys):
+    auto = "[{pattern: 'transformer.h.0.mlp.c_fc', format: auto, cr: 0.5}]"
+    main(["report", "--model", "tiny-gpt2", "--plan.rules", auto])
+    out = capsys.readouterr().out
+    assert "format auto: 1 layers" in out and "transformer.h.0.mlp.c_fc  auto" not in out
+    rules = "[{pattern: 'transformer\\.h\\.\\d+\\.mlp\\.c_(fc|proj)', format: mpo}]"
+    main(["report", "--model", "tiny-gpt2", "--plan.rules", rules, "--plan.budget", "0.3"])
+    assert "(budget 0.3000)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--plan.rules", "[{pattern: 'transformer.h.0.mlp.c_fc', format: auto}]"], "format 'auto' compares formats"),
+        (["--plan.rules", "[{pattern: 'transformer.h.0.mlp.c_fc', format: mpo}]", "--plan.budget", "1.2"],
+         "plan budget must be a whole-model CR strictly between 0 and 1"),
+        (["--plan.rules", "[{pattern: 'transformer.h.0.mlp.c_fc', format: mpo}]", "--plan.budget", "0.3", "--dry_run",
+          "true"], "no weights (meta device)"),
+    ],
+    ids=["auto-without-cr", "budget-out-of-range", "budget-on-dry-run"],
+)  # fmt: skip
+def test_auto_and_budget_mistakes_are_clear_cli_errors(capsys, args, needle):
+    with pytest.raises(SystemExit) as done:
+        main(["report", "--model", "tiny-gpt2", *args])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err

@@ -191,6 +191,12 @@ def layer_curves(model: nn.Module, plan: TensorizePlan) -> list[LayerCurve]:
     """A :class:`LayerCurve` for every layer the plan selects (its patterns, formats and sites; its CRs are ignored)."""
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("the model has no weights (meta device): a compressibility map needs the real weights")
+    auto = [r.pattern for r in plan.rules if r.format == "auto"]
+    if auto:
+        raise ValueError(
+            f"rules {', '.join(map(repr, auto))} have format 'auto', which picks a format per layer at one CR; a "
+            "compressibility map or a budget allocation needs each rule's format fixed (mpo, lowrank, tucker)"
+        )
     return [LayerCurve(t.name, t.module, t.rule, t.site_dims) for t in _resolve(model, _exact(plan))]
 
 
