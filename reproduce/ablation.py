@@ -51,7 +51,7 @@ def base_config(model: str, args: argparse.Namespace) -> tuple[str, dict[str, An
         config = {
             "teacher": "cifar-resnet34-w16", "teacher_weights": str(weights), "task": "classification",
             "data": {"class_path": "tnlit.data.offline.DigitsDataModule", "init_args": {"batch_size": 64}},
-            "plan": {"rules": [{"pattern": r"layer\d\.\d+\.conv[12]", "format": "tucker", "cr": 0.7}]},
+            "plan": {"rules": [{"pattern": r"layer\d\.\d+\.conv[12]", "format": "tucker", "cr": args.cr or 0.7}]},
             "finetune": {"lr": 5e-4},
         }  # fmt: skip
         lr = 3e-3
@@ -60,7 +60,7 @@ def base_config(model: str, args: argparse.Namespace) -> tuple[str, dict[str, An
         config = {
             "teacher": "tiny-gpt2-bytes", "teacher_weights": str(weights), "task": "causal_lm",
             "data": _text_data("bytes", args.text or TEXT_SOURCES, args.unseen or UNSEEN, args),
-            "plan": {"rules": [{"pattern": MLP_PATTERNS["gpt2"], "format": "mpo", "sites": 2, "cr": 0.5}]},
+            "plan": {"rules": [{"pattern": MLP_PATTERNS["gpt2"], "format": "mpo", "sites": 2, "cr": args.cr or 0.5}]},
             "finetune": {"lr": 2e-3},
         }  # fmt: skip
         lr = 3e-3
@@ -75,7 +75,7 @@ def base_config(model: str, args: argparse.Namespace) -> tuple[str, dict[str, An
             "data": _text_data(args.tokenizer or str(directory), args.text or TEXT_SOURCES, args.unseen or UNSEEN,
                                args),
             "plan": {"rules": [{"pattern": args.pattern or _mlp_pattern(directory), "format": "mpo", "sites": 2,
-                                "cr": 0.5}]},
+                                "cr": args.cr or 0.5}]},
             "finetune": {"lr": 1e-4},
         }  # fmt: skip
         lr = 1e-4
@@ -291,6 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="tokenizer for --model DIR (default: the model's own; 'bytes' for bytes)")
     parser.add_argument("--pattern", help="regex of the modules to tensorize (default: the MLPs of GPT-2 / LLaMA)")
     parser.add_argument("--only", help="run only the variants whose name matches this regex")
+    parser.add_argument("--cr", type=float, help="per-layer CR of the plan (default 0.7 ResNet, 0.5 LMs)")
     parser.add_argument("--epochs", type=int, default=4, help="optimisation epochs of every variant (default 4)")
     parser.add_argument("--lr", type=float, help="slice-wise lr (default: 3e-3 quickstart models, 1e-4 HF models)")
     parser.add_argument("--finetune_lr", type=float, help="global lr of the hybrid (default 5e-4 / 2e-3 / 1e-4)")
