@@ -138,7 +138,7 @@ def _student_matrix(layer: TensorizedLayer) -> torch.Tensor:
     return layer.to_dense_weight().detach().reshape(layer.out_channels, -1)
 
 
-def _fit(layer: TensorizedLayer, w: torch.Tensor, c: torch.Tensor, damping: float, sweeps: int) -> None:
+def _fit(layer: TensorizedLayer, w: torch.Tensor, c: torch.Tensor, damping: float, sweeps: int, cg: int) -> None:
     """Re-fit ``layer``'s factors in place to the output error of ``w (out, in)`` under ``c``."""
     if isinstance(layer, LowRankLinear):
         a, b = whitened_lowrank(w, c, layer.rank, damping)
@@ -152,7 +152,8 @@ def _fit(layer: TensorizedLayer, w: torch.Tensor, c: torch.Tensor, damping: floa
         # Each core is solved with the others as isometries; the last center leaves the MPO left-canonical,
         # the gauge TT-SVD gives it.
         fit_to_covariance_(
-            cores, lambda fs: mpo_to_matrix(fs).t(), w, c, sweeps=sweeps, damping=damping, gauge=mpo_mixed_canonical
+            cores, lambda fs: mpo_to_matrix(fs).t(), w, c, sweeps=sweeps, damping=damping, max_cg_iter=cg,
+            gauge=mpo_mixed_canonical,
         )
         new = cores
     elif isinstance(layer, TuckerConv2d):
@@ -168,7 +169,9 @@ def _fit(layer: TensorizedLayer, w: torch.Tensor, c: torch.Tensor, damping: floa
             core, u_out, u_in = tucker2_orthonormal(fs[1], fs[0], fs[2])
             return [u_out, core, u_in]
 
-        fit_to_covariance_(factors, reconstruct, w, c, sweeps=sweeps, damping=damping, gauge=orthonormal)
+        fit_to_covariance_(
+            factors, reconstruct, w, c, sweeps=sweeps, damping=damping, max_cg_iter=cg, gauge=orthonormal
+        )
         new = orthonormal(factors, 0)
     else:
         raise TypeError(f"no activation-aware fit for {type(layer).__name__}")
@@ -184,13 +187,16 @@ def activation_init_(
     *,
     damping: float = DEFAULT_DAMPING,
     sweeps: int = 4,
+    max_cg_iter: int = 100,
 ) -> dict[str, dict[str, float]]:
     """Re-fit, in place, every tensorized layer of ``student`` named in ``covariances`` to its teacher layer's
     output error on the calibration inputs; returns ``{name: errors}`` for the layers it fitted.
 
     ``teacher.get_submodule(name)`` is the dense source of ``student``'s layer ``name`` (``tensorize`` keeps
     names). ``LowRankLinear`` gets the exact optimum (:func:`whitened_lowrank`); ``MPOLinear`` and
-    ``TuckerConv2d`` start from their current factors and run ``sweeps`` of :func:`fit_to_covariance_`. The
+    ``TuckerConv2d`` start from their current factors and run ``sweeps`` of :func:`fit_to_covariance_`, each factor's
+    problem solved by at most ``max_cg_iter`` conjugate-gradient steps (every step lowers the error: fewer trade
+    accuracy for time, about linearly). The
     factors keep their shapes, dtype and device and the bias is untouched (it cancels in the output error).
     The errors, relative, measured on the layer's own weight as it now is: ``output_error_before`` /
     ``_after`` (:func:`output_error`, undamped ``C``) and ``weight_error_before`` / ``_after``
@@ -207,7 +213,7 @@ def activation_init_(
         if before.shape != w.shape:
             raise ValueError(f"{name}: student layer is {tuple(before.shape)} but the teacher's is {tuple(w.shape)}")
         c = c.to(before.device)
-        _fit(layer, w, c, damping, sweeps)
+        _fit(layer, w, c, damping, sweeps, max_cg_iter)
         after = _student_matrix(layer)
         w_norm = torch.linalg.norm(w).item()
         stats[name] = {

@@ -221,8 +221,12 @@ class InitSettings:
     Tucker, started from the SVD."""
     calibration_batches: int = 8
     """Training batches whose inputs the teacher's layers see, to estimate each layer's input covariance."""
-    sweeps: int = 4
+    sweeps: int = 2
     """Alternating least-squares sweeps over the cores (MPO, Tucker)."""
+    cg_steps: int = 20
+    """Conjugate-gradient steps per core and sweep: each lowers the error, each costs a product of the layer's
+    matrix with its input covariance (a 128-channel 3x3 conv, one sweep on 2 CPU cores: 10 steps 1.1 s, 100 steps
+    3.3 s, for 5 % less output error)."""
     damping: float = 1e-6
     """Ridge added to each covariance, relative to its mean diagonal: keeps the fit unique where inputs never vary."""
 
@@ -679,7 +683,9 @@ def _initialise(
     device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
     names = tensorized_names(student)
     covariances = input_covariances(model.to(device), data.train_dataloader(), names, init.calibration_batches)
-    errors = activation_init_(student.to(device), model, covariances, damping=init.damping, sweeps=init.sweeps)
+    errors = activation_init_(
+        student.to(device), model, covariances, damping=init.damping, sweeps=init.sweeps, max_cg_iter=init.cg_steps
+    )
     seconds = time.perf_counter() - started
     state["init"] = {name: {k: round(v, 6) for k, v in e.items()} for name, e in errors.items()}
     state.setdefault("times", {})["init"] = {"optimisation_s": seconds, "wall_s": seconds}
