@@ -152,7 +152,13 @@ def _fit(layer: TensorizedLayer, w: torch.Tensor, c: torch.Tensor, damping: floa
         # Each core is solved with the others as isometries; the last center leaves the MPO left-canonical,
         # the gauge TT-SVD gives it.
         fit_to_covariance_(
-            cores, lambda fs: mpo_to_matrix(fs).t(), w, c, sweeps=sweeps, damping=damping, max_cg_iter=cg,
+            cores,
+            lambda fs: mpo_to_matrix(fs).t(),
+            w,
+            c,
+            sweeps=sweeps,
+            damping=damping,
+            max_cg_iter=cg,
             gauge=mpo_mixed_canonical,
         )
         new = cores
