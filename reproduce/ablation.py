@@ -234,7 +234,7 @@ def write_results(rows: list[dict[str, Any]], name: str, results: Path, folder: 
     _plot(rows, stem.with_suffix(".png"), name)
     from tnlit.provenance import write_provenance
 
-    configs = {p.stem: p.read_text() for p in sorted((folder / "configs").glob("*.yaml"))}
+    configs = {r["variant"]: (folder / "configs" / f"{r['variant']}.yaml").read_text() for r in rows}
     facts = {"script": "reproduce/ablation.py", "model": name, "configs": configs, "total_s": round(total_s, 1)}
     write_provenance(stem.with_suffix(".provenance.json"), facts)
 

