@@ -158,6 +158,10 @@ def test_a_damaged_init_file_is_said_and_fitted_again(tmp_path, files, runs):
     original = {k: v.clone() for k, v in load_file(run_dir / "init.safetensors").items()}
     data = (run_dir / "init.safetensors").read_bytes()
     (run_dir / "init.safetensors").write_bytes(data[: len(data) // 2])  # as a kill during a copy would leave it
+    # A run stopped before it finished (a finished run's student holds its factors: it fits no init).
+    state = json.loads((run_dir / "state.json").read_text())
+    del state["done"]
+    (run_dir / "state.json").write_text(json.dumps(state))
     with pytest.warns(UserWarning, match="init.safetensors is unusable.*fitting the initialisation again"):
         state = run(run_dir, files)
     refitted = load_file(run_dir / "init.safetensors")

@@ -428,12 +428,21 @@ def _with_defaults(old: dict[str, Any]) -> dict[str, Any]:
     return filled
 
 
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two configs the same run: the config with its missing settings at their defaults, less the
+    settings that compute nothing (the activation-aware fit's options when the factors start from the SVD)."""
+    config = _with_defaults(config)
+    if isinstance(config.get("init"), dict) and config["init"].get("method") == "svd":
+        config = {**config, "init": {"method": "svd"}}
+    return config
+
+
 def _refuse_another_config(run_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
     """Raise RunDirError when the directory holds a run of another config and overwrite is off; reads only."""
     saved = run_dir / "config.json"
     if overwrite or not saved.exists():
         return
-    old = _with_defaults(json.loads(saved.read_text()))
+    old, config = _identity(json.loads(saved.read_text())), _identity(config)
     if old != config:
         changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         raise RunDirError(
@@ -446,7 +455,7 @@ def _open_run_dir(run_dir: Path, config: dict[str, Any], overwrite: bool) -> dic
     """The run's state: fresh, or resumed when the directory holds a run of the same config."""
     _refuse_another_config(run_dir, config, overwrite)
     saved = run_dir / "config.json"
-    if saved.exists() and _with_defaults(json.loads(saved.read_text())) != config:
+    if saved.exists() and _identity(json.loads(saved.read_text())) != _identity(config):
         shutil.rmtree(run_dir)  # overwrite
     run_dir.mkdir(parents=True, exist_ok=True)
     if not saved.exists():

@@ -155,9 +155,7 @@ class TextSourcesDataModule(LightningDataModule):
                 tokens = tokens[cut:]
             held_out = _Windows(tokens, self.seq_len, stride=self.seq_len)
             count = min(len(held_out), self.eval_sequences)
-            self.test_sets[key] = torch.utils.data.Subset(
-                held_out, range(count)
-            )
+            self.test_sets[key] = torch.utils.data.Subset(held_out, range(count))
 
     def train_dataloader(self) -> DataLoader:
         self._ready()
