@@ -12,7 +12,7 @@ from conftest import reproduce_script
 from tnlit.cli import build_parser
 from tnlit.tensorize import Rule, TensorizePlan
 
-COMMON = ["paper", "init", "budget", "schedule", "inputs", "hybrid_kd"]
+COMMON = ["paper", "init", "budget", "schedule", "relative", "inputs", "hybrid_kd"]
 
 
 def _script():
@@ -47,7 +47,7 @@ def test_variants_and_their_configs_parse_with_the_cli(tmp_path, model):
     assert name == {"resnet": "resnet", "gpt2": "gpt2", "hf": "my-lm"}[model]
     table = script.variants(base, 0.3)
     text = model != "resnet"  # the text models are linear (MPO); the ResNet is Tucker-2, for which auto is not
-    assert list(table) == COMMON + (["format", "data"] if text else []) + ["all"]
+    assert list(table) == COMMON + (["format", "data"] if text else []) + ["all", "best"]
     assert all(isinstance(what, str) and what for what, _ in table.values())
     assert table["paper"][1] == {} and table["budget"][1] == {"plan": {"budget": 0.3}}
     hybrid = table["hybrid_kd"][1]
