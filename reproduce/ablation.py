@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from tnlit.atomic import atomic_csv, atomic_path, atomic_text
+from tnlit.atomic import atomic_csv, atomic_png, atomic_text
 from tnlit.quickstart import result_row, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,10 +284,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, name: str) -> None:
     ax.set(title=f"ablation: {name}", xlabel="optimisation time (s)", ylabel=rows[0]["metric"])
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    atomic_png(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from tnlit.atomic import atomic_csv, atomic_path, atomic_text
+from tnlit.atomic import atomic_csv, atomic_png, atomic_text
 from tnlit.quickstart import result_row, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,10 +286,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    atomic_png(fig, path)
 
 
 def log_to_wandb(rows: list[dict[str, Any]], results: Path, project: str) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["atomic_csv", "atomic_path", "atomic_text"]
+__all__ = ["atomic_csv", "atomic_path", "atomic_png", "atomic_text"]
 
 
 @contextlib.contextmanager
@@ -44,3 +44,13 @@ def atomic_csv(
     writer.writeheader()
     writer.writerows(rows)
     atomic_text(path, out.getvalue())
+
+
+def atomic_png(fig: Any, path: str | Path) -> None:
+    """Lay out a matplotlib figure, write it to ``path`` as PNG (120 dpi) atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tnlit.atomic import atomic_path, atomic_text
+from tnlit.atomic import atomic_path, atomic_png, atomic_text
 from tnlit.formats.mpo import mpo_from_matrix, mpo_to_matrix
 from tnlit.formats.ranks import (
     RankError,
@@ -275,10 +275,7 @@ class CompressibilityMap:
                 )
         fig.colorbar(image, ax=ax, label="relative error ||W - W_hat|| / ||W||")
         ax.set_title(title or "compressibility map (no training)")
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
+        atomic_png(fig, path)
 
 
 def _cells(grid) -> list[tuple[tuple[int, int], float]]:

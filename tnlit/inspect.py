@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tnlit.atomic import atomic_path
+from tnlit.atomic import atomic_path, atomic_png
 from tnlit.formats.canonical import (
     lowrank_canonical,
     mpo_left_canonical,
@@ -303,7 +303,4 @@ def plot_spectra(stats: list[BondStats], path: str | Path, title: str = "") -> N
     right.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    atomic_png(fig, path)

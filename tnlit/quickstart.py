@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tnlit.atomic import atomic_csv, atomic_path, atomic_text
+from tnlit.atomic import atomic_csv, atomic_path, atomic_png, atomic_text
 
 __all__ = ["quickstart", "result_row", "train_teacher"]
 
@@ -148,7 +148,9 @@ def result_row(config: Path, state: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{config} sets no run_dir: a quickstart config must name where its run lives")
     run_config = json.loads((Path(run_dir) / "config.json").read_text())
     key, _, higher_is_better = _METRICS[run_config["task"]]
-    curve = [(0.0, state["init_metric"][key])] + [(p["optimisation_s"], p[key]) for p in state.get("curve", [])]
+    # The start is drawn where training starts: after the activation-aware fit, when there is one (its time counts).
+    start = state.get("times", {}).get("init", {}).get("optimisation_s", 0.0)
+    curve = [(start, state["init_metric"][key])] + [(p["optimisation_s"], p[key]) for p in state.get("curve", [])]
     sign = 1 if higher_is_better else -1
     best_time, best = max(curve, key=lambda point: (sign * point[1], -point[0]))  # the best, reached first
     times = state.get("times", {})
@@ -233,7 +235,4 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set(title=teacher, xlabel="optimisation time (s)", ylabel=_METRICS_LABEL[group[0]["metric"]])
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    atomic_png(fig, path)

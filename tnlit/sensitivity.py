@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tnlit.atomic import atomic_csv, atomic_path, atomic_text
+from tnlit.atomic import atomic_csv, atomic_png, atomic_text
 from tnlit.evaluate import accuracy
 from tnlit.tensorize import Rule, TensorizePlan, _resolve, tensorize
 
@@ -119,7 +119,4 @@ def _plot(rows: list[LayerSensitivity], dense: float, excluded: set[str], path: 
     twin.plot(range(len(rows)), [r.rel_error for r in rows], "k.", ms=4)
     twin.set_ylabel("relative weight error (dots)")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    atomic_png(fig, path)
