@@ -250,19 +250,11 @@ class CompressionReport:
         atomic_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def to_csv(self, path: str | Path) -> None:
-        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=_COLUMNS)
-            writer.writeheader()
-            for row in self.layers:
-                writer.writerow({k: _cell(v) for k, v in asdict(row).items()})
+        _write_rows(path, _COLUMNS, self.layers)
 
     def choices_to_csv(self, path: str | Path) -> None:
         """The ``format: auto`` comparison, one row per layer and candidate (header only when nothing was chosen)."""
-        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=_CHOICE_COLUMNS)
-            writer.writeheader()
-            for row in self.choices:
-                writer.writerow({k: _cell(v) for k, v in asdict(row).items()})
+        _write_rows(path, _CHOICE_COLUMNS, self.choices)
 
     def __str__(self) -> str:
         head = ["layer", "format", "shape", "site dims", "ranks", "params", "factors", "CR", "rel. error"]
@@ -543,6 +535,15 @@ def _row(t: _Target, err: float | None) -> LayerReport:
         site_dims=sites, ranks=list(t.ranks), weight_params=t.weight_params, factor_params=t.factor_params,
         cr=1.0 - t.factor_params / t.weight_params, rel_error=err,
     )  # fmt: skip
+
+
+def _write_rows(path: str | Path, columns: list[str], rows: list) -> None:
+    """Dataclass rows as CSV, written atomically; lists become space-separated cells, non-finite floats empty."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(v) for k, v in asdict(row).items()})
 
 
 def _cell(v: object) -> object:
