@@ -14,7 +14,13 @@ from tnlit.calibration import activation_init_, input_covariances, layer_inputs
 from tnlit.formats.canonical import mpo_mixed_canonical
 from tnlit.formats.mpo import mpo_to_matrix
 from tnlit.formats.tucker import tucker2_to_kernel
-from tnlit.formats.whiten import covariance_sqrt, fit_to_covariance_, output_error, whitened_lowrank
+from tnlit.formats.whiten import (
+    covariance_sqrt,
+    fit_to_covariance_,
+    output_error,
+    tucker2_outer_fit,
+    whitened_lowrank,
+)
 from tnlit.layers import LowRankLinear, MPOLinear, TuckerConv2d
 
 
@@ -239,3 +245,29 @@ def test_activation_init_lowers_every_layers_output_error():
         )
     assert measured.item() == pytest.approx(stats["0"]["output_error_after"], rel=1e-3)
     assert isinstance(student[5], LowRankLinear)
+
+
+def test_tucker2_outer_fit_is_the_joint_optimum_given_the_input_factor():
+    torch.manual_seed(3)
+    c_out, c_in, k, r_out, r_in = 6, 5, 3, 3, 2
+    w = torch.randn(c_out, c_in, k, k, dtype=torch.float64)
+    x = correlated(200, c_in * k * k)
+    c = x.T @ x
+    u_in = torch.linalg.qr(torch.randn(c_in, r_in, dtype=torch.float64))[0]
+    u_out, core = tucker2_outer_fit(w, c, u_in, r_out)
+    assert torch.allclose(u_out.T @ u_out, torch.eye(r_out, dtype=torch.float64), atol=1e-10), "u_out orthonormal"
+
+    def reconstruct(fs):
+        return tucker2_to_kernel(fs[1], fs[0], fs[2]).reshape(c_out, -1)
+
+    exact = output_error(reconstruct([u_out, core, u_in]), w.reshape(c_out, -1), c)
+    # Brute force: long alternating least squares over u_out and core alone, u_in fixed, from random starts.
+    best = float("inf")
+    for seed in range(2):
+        torch.manual_seed(seed)
+        fs = [torch.randn(c_out, r_out, dtype=torch.float64), torch.randn(r_out, r_in, k, k, dtype=torch.float64), u_in]
+        fit_to_covariance_(fs, reconstruct, w, c, sweeps=25, max_cg_iter=60, tol=1e-12, only=[0, 1], damping=1e-6)
+        best = min(best, output_error(reconstruct(fs), w.reshape(c_out, -1), c))
+    assert exact <= best + 1e-9
+    assert best - exact < 1e-4, (exact, best)
+    assert tucker2_outer_fit(w, c, u_in, r_out=r_in * k * k + 1) is None, "a rank Z cannot have"

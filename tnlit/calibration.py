@@ -28,7 +28,13 @@ from tnlit.activations import batch_input
 from tnlit.formats.canonical import mpo_mixed_canonical, tucker2_orthonormal
 from tnlit.formats.mpo import mpo_to_matrix
 from tnlit.formats.tucker import tucker2_to_kernel
-from tnlit.formats.whiten import DEFAULT_DAMPING, fit_to_covariance_, output_error, whitened_lowrank
+from tnlit.formats.whiten import (
+    DEFAULT_DAMPING,
+    fit_to_covariance_,
+    output_error,
+    tucker2_outer_fit,
+    whitened_lowrank,
+)
 from tnlit.layers.base import TensorizedLayer, is_hf_conv1d
 from tnlit.layers.conv import TuckerConv2d
 from tnlit.layers.linear import FactorizedLinear, LowRankLinear, MPOLinear
@@ -175,9 +181,25 @@ def _fit(layer: TensorizedLayer, w: torch.Tensor, c: torch.Tensor, damping: floa
             core, u_out, u_in = tucker2_orthonormal(fs[1], fs[0], fs[2])
             return [u_out, core, u_in]
 
-        fit_to_covariance_(
-            factors, reconstruct, w, c, sweeps=sweeps, damping=damping, max_cg_iter=cg, gauge=orthonormal
-        )
+        kernel = w.reshape(c_out, layer.in_channels, *layer.kernel_size)
+
+        def exact_outer() -> bool:
+            """(u_out, core) jointly and exactly for the current u_in (a reduced-rank regression), when it exists."""
+            outer = tucker2_outer_fit(kernel, c, factors[2], layer.ranks[0], damping)
+            if outer is None:
+                return False
+            if output_error(reconstruct([*outer, factors[2]]), w, c) <= output_error(reconstruct(factors), w, c):
+                factors[0], factors[1] = outer
+            return True
+
+        for _ in range(sweeps):
+            exact = exact_outer()
+            # u_in by conjugate gradient (all three factors so, where the exact step does not exist).
+            fit_to_covariance_(
+                factors, reconstruct, w, c, sweeps=1, damping=damping, max_cg_iter=cg, gauge=orthonormal,
+                only=[2] if exact else None,
+            )  # fmt: skip
+        exact_outer()
         new = orthonormal(factors, 0)
     else:
         raise TypeError(f"no activation-aware fit for {type(layer).__name__}")
