@@ -136,6 +136,7 @@ def variants(config: dict[str, Any], uniform_cr: float) -> dict[str, tuple[str, 
     }  # fmt: skip
     if linear:
         table["format"] = ("format: auto (best of low-rank / MPO 2-3 sites / site splits per layer)", {"auto": True})
+        table["lowrank_init"] = ("low rank, exact whitened-SVD (activation-aware) init", {"lowrank": True, **init})
     if text:
         sequences = config["data"]["init_args"]["train_sequences"]
         table["data"] = (
@@ -144,7 +145,7 @@ def variants(config: dict[str, Any], uniform_cr: float) -> dict[str, tuple[str, 
         )
     together: dict[str, Any] = {}
     for name, (_, overrides) in table.items():
-        if name not in ("paper", "data", "format"):  # data changes the epochs, format and budget do not combine
+        if name not in ("paper", "data", "format", "lowrank_init"):  # data changes the epochs; formats: one plan
             together = _merge(together, overrides)
     table["all"] = ("all of the above together (budget, not auto; same epochs)", together)
     table["best"] = ("init + budget + hybrid with logit distillation", _merge(_merge(init, budget), hybrid))
@@ -168,11 +169,12 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def _apply(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     overrides = dict(overrides)
-    if overrides.pop("auto", False):
-        config = copy.deepcopy(config)
-        for rule in config["plan"]["rules"]:
-            rule["format"] = "auto"
-            rule.pop("sites", None)
+    for fmt in ("auto", "lowrank"):
+        if overrides.pop(fmt, False):
+            config = copy.deepcopy(config)
+            for rule in config["plan"]["rules"]:
+                rule["format"] = fmt
+                rule.pop("sites", None)
     return _merge(config, overrides)
 
 

@@ -47,7 +47,7 @@ def test_variants_and_their_configs_parse_with_the_cli(tmp_path, model):
     assert name == {"resnet": "resnet", "gpt2": "gpt2", "hf": "my-lm"}[model]
     table = script.variants(base, 0.3)
     text = model != "resnet"  # the text models are linear (MPO); the ResNet is Tucker-2, for which auto is not
-    assert list(table) == COMMON + (["format", "data"] if text else []) + ["all", "best"]
+    assert list(table) == COMMON + (["format", "lowrank_init", "data"] if text else []) + ["all", "best"]
     assert all(isinstance(what, str) and what for what, _ in table.values())
     assert table["paper"][1] == {} and table["budget"][1] == {"plan": {"budget": 0.3}}
     hybrid = table["hybrid_kd"][1]
@@ -67,8 +67,9 @@ def test_variants_and_their_configs_parse_with_the_cli(tmp_path, model):
         cfg = parser.parse_args(["compress", "--config", str(path)])
         compress = parser.instantiate(cfg)["compress"]  # builds the plan: its rules check themselves
         assert compress["plan"].rules and compress["method"] == config["method"]
-        if variant == "format":
-            assert [r.format for r in compress["plan"].rules] == ["auto"]
+        if variant in ("format", "lowrank_init"):
+            assert [r.format for r in compress["plan"].rules] == [{"format": "auto"}.get(variant, "lowrank")]
+        assert compress["init"].method == ("activation" if variant in ("init", "lowrank_init", "all", "best") else "svd")
         if variant == "data":
             assert compress["slicewise"].epochs == 1
             assert compress["data"].train_sequences == 4 * base["data"]["init_args"]["train_sequences"]
