@@ -69,7 +69,8 @@ def test_variants_and_their_configs_parse_with_the_cli(tmp_path, model):
         assert compress["plan"].rules and compress["method"] == config["method"]
         if variant in ("format", "lowrank_init"):
             assert [r.format for r in compress["plan"].rules] == [{"format": "auto"}.get(variant, "lowrank")]
-        assert compress["init"].method == ("activation" if variant in ("init", "lowrank_init", "all", "best") else "svd")
+        fitted = variant in ("init", "lowrank_init", "all", "best")
+        assert compress["init"].method == ("activation" if fitted else "svd")
         if variant == "data":
             assert compress["slicewise"].epochs == 1
             assert compress["data"].train_sequences == 4 * base["data"]["init_args"]["train_sequences"]
