@@ -27,6 +27,7 @@ and rank 0 assembles the student: see ``tnlit.distributed``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -56,7 +57,7 @@ from tnlit.methods.common import Schedule, factor_parameters
 from tnlit.methods.global_finetune import GlobalFinetune
 from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.slices import Slice, SliceModule, make_slices
-from tnlit.tensorize import TensorizePlan, tensorize
+from tnlit.tensorize import Rule, TensorizePlan, tensorize
 
 __all__ = [
     "FinetuneSettings",
@@ -410,10 +411,6 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
 def _with_defaults(old: dict[str, Any]) -> dict[str, Any]:
     """A saved config with the settings it lacks at their defaults: a setting added to tnlit after a run started,
     left at its default, computes what the run computed, so the run stays resumable (and finished)."""
-    import inspect
-
-    from tnlit.tensorize import Rule
-
     defaults = _plain({name: p.default for name, p in inspect.signature(compress).parameters.items()
                        if p.default is not inspect.Parameter.empty})  # fmt: skip
     defaults["plan"] = _plain({"plan": TensorizePlan(rules=[])})["plan"]
@@ -524,7 +521,7 @@ def _activation_store(
     Its wall time goes to ``state["times"]["cache"]`` (no optimisation time), so that a run's time can be counted
     with its caching, as the paper counts it; a reused store adds only the time its validation took.
     """
-    device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+    device = _device(accelerator)
     # The teacher runs as it would inside a mixed-precision training step.
     autocast = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0])
     started = time.perf_counter()
@@ -691,7 +688,7 @@ def _initialise(
     from tnlit.slices import tensorized_names
 
     started = time.perf_counter()
-    device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+    device = _device(accelerator)
     names = tensorized_names(student)
     covariances = input_covariances(model.to(device), data.train_dataloader(), names, init.calibration_batches)
     errors = activation_init_(
@@ -858,10 +855,15 @@ def _usable_checkpoint(path: Path) -> Path | None:
     return path
 
 
+def _device(accelerator: str) -> str:
+    """Where the work outside Lightning's Trainer runs (the store's teacher passes, the init's fit, evaluation)."""
+    return "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+
+
 def _evaluate(model: nn.Module, data: LightningDataModule, task: Task, accelerator: str) -> dict[str, float]:
     from tnlit.evaluate import accuracy, perplexity
 
-    device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+    device = _device(accelerator)
     model.to(device)
     data.setup("test")
     key, measure = ("top1", accuracy) if task == "classification" else ("perplexity", perplexity)
