@@ -271,3 +271,15 @@ def test_tucker2_outer_fit_is_the_joint_optimum_given_the_input_factor():
     assert exact <= best + 1e-9
     assert best - exact < 1e-4, (exact, best)
     assert tucker2_outer_fit(w, c, u_in, r_out=r_in * k * k + 1) is None, "a rank Z cannot have"
+
+
+def test_input_covariances_stop_the_forward_after_the_last_needed_layer():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.Linear(5, 3))
+    ran = []
+    model[3].register_forward_hook(lambda *a: ran.append(1))
+    x = torch.randn(10, 4)
+    covs = input_covariances(model, [x, x], ["0", "2"])
+    assert not ran, "the head ran although no covariance needs it"
+    assert covs["2"][1] == 20, "every batch still reached the last needed layer"
+    h = torch.relu(model[0](x)).double()
+    assert torch.allclose(covs["2"][0], 2 * h.T @ h)

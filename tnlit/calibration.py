@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from tnlit.activations import batch_input
+from tnlit.activations import _Stop, batch_input
 from tnlit.formats.canonical import mpo_mixed_canonical, tucker2_orthonormal
 from tnlit.formats.mpo import mpo_to_matrix
 from tnlit.formats.tucker import tucker2_to_kernel
@@ -111,16 +111,30 @@ def input_covariances(
     sums: dict[str, list] = {name: [None, 0] for name in names}
     where = None if device is None else torch.device(device)
     param = next(model.parameters(), None)
-    handles = [
-        module.register_forward_pre_hook(lambda m, args, acc=sums[name]: _accumulate(m, args[0], acc, where))
-        for name, module in modules.items()
-    ]
+    seen: set[str] = set()
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            _accumulate(module, args[0], sums[name], where)
+            seen.add(name)
+            if len(seen) == len(modules):
+                # The rest of the network (an LM head, a classifier) computes nothing needed. (A layer called again
+                # later in the same forward, weights shared, would miss that call: none of tnlit's models does.)
+                raise _Stop
+
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
     was_training = model.training
     model.eval()
     try:
         for batch in islice(batches, max_batches):
             x = batch_input(batch)
-            model(x if param is None else x.to(param.device))
+            seen.clear()
+            try:
+                model(x if param is None else x.to(param.device))
+            except _Stop:
+                pass
     finally:
         for h in handles:
             h.remove()
