@@ -12,7 +12,7 @@ from conftest import reproduce_script
 from tnlit.cli import build_parser
 from tnlit.tensorize import Rule, TensorizePlan
 
-COMMON = ["paper", "init", "budget", "schedule", "relative", "inputs", "hybrid_kd"]
+COMMON = ["paper", "init", "budget", "schedule", "schedule_3x", "relative", "inputs", "hybrid_kd"]
 
 
 def _script():
@@ -47,7 +47,8 @@ def test_variants_and_their_configs_parse_with_the_cli(tmp_path, model):
     assert name == {"resnet": "resnet", "gpt2": "gpt2", "hf": "my-lm"}[model]
     table = script.variants(base, 0.3)
     text = model != "resnet"  # the text models are linear (MPO); the ResNet is Tucker-2, for which auto is not
-    assert list(table) == COMMON + (["format", "lowrank_init", "data"] if text else []) + ["all", "best"]
+    linear = ["format", "lowrank_init", "lowrank_init_lr", "data"] if text else []
+    assert list(table) == COMMON + linear + ["all", "best"]
     assert all(isinstance(what, str) and what for what, _ in table.values())
     assert table["paper"][1] == {} and table["budget"][1] == {"plan": {"budget": 0.3}}
     hybrid = table["hybrid_kd"][1]
@@ -67,9 +68,9 @@ def test_variants_and_their_configs_parse_with_the_cli(tmp_path, model):
         cfg = parser.parse_args(["compress", "--config", str(path)])
         compress = parser.instantiate(cfg)["compress"]  # builds the plan: its rules check themselves
         assert compress["plan"].rules and compress["method"] == config["method"]
-        if variant in ("format", "lowrank_init"):
+        if variant in ("format", "lowrank_init", "lowrank_init_lr"):
             assert [r.format for r in compress["plan"].rules] == [{"format": "auto"}.get(variant, "lowrank")]
-        fitted = variant in ("init", "lowrank_init", "all", "best")
+        fitted = variant in ("init", "lowrank_init", "lowrank_init_lr", "all", "best")
         assert compress["init"].method == ("activation" if fitted else "svd")
         if variant == "data":
             assert compress["slicewise"].epochs == 1
