@@ -221,3 +221,17 @@ def test_text_sources_give_a_metric_per_source_and_unseen_text(tmp_path):
         assert math.log(metric["perplexity"]) == pytest.approx(pooled, rel=1e-6)
     assert keys <= set(state["curve"][-1])
     assert json.loads((tmp_path / "run/state.json").read_text())["final_metric"] == state["final_metric"]
+
+
+def test_auto_and_budget_plans_run_through_compress_and_leave_their_records(tmp_path, files):
+    import csv
+
+    auto = run(tmp_path / "auto", files, plan=TensorizePlan([Rule(MLP, "auto", cr=0.5)]), init=InitSettings())
+    with (tmp_path / "auto" / "choices.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["layer"] for r in rows} == set(LAYERS)
+    assert sum(r["chosen"] == "True" for r in rows) == len(LAYERS), "one chosen candidate per layer"
+    assert auto["done"] and auto["compression"]["compression_rate"] > 0
+    budget = run(tmp_path / "budget", files, plan=TensorizePlan([Rule(MLP, "lowrank", cr=0.5)], budget=0.3))
+    assert budget["compression"]["compression_rate"] >= 0.3
+    assert not (tmp_path / "budget" / "choices.csv").exists()

@@ -6,7 +6,8 @@ Everything lands in one run directory:
 run_dir/
   config.json        the config this directory belongs to (a different one is refused unless overwrite)
   state.json         what is done, the metrics and the times so far (rewritten atomically)
-  report.csv/.json   the compression report
+  report.csv/.json   the compression report (choices.csv: the candidates that format auto weighed)
+  init.safetensors   the factors fitted to calibration inputs, when init.method is activation
   ckpt/<phase>/      Lightning's last.ckpt of the phase in progress (trainable tensors only)
   slices/<name>.safetensors   each finished slice's factors
   cache/             the activation store of the cache and serial modes: manifest.json + one shard a batch
@@ -306,6 +307,8 @@ def compress(
     state = _open_run_dir(run_dir, config, overwrite)
     report.to_csv(run_dir / "report.csv")
     report.to_json(run_dir / "report.json")
+    if report.choices:
+        report.choices_to_csv(run_dir / "choices.csv")
     data.prepare_data()
     data.setup("fit")
     _initialise(model, student, data, init, run_dir, state, accelerator)
