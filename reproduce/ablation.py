@@ -272,7 +272,8 @@ def _markdown(rows: list[dict[str, Any]], name: str, total_s: float) -> str:
     lines = [
         f"# Ablation: {name} (teacher {first['teacher_metric']} {first['metric']}, {better} is better)",
         "",
-        f"Written by `python reproduce/ablation.py` in {total_s / 60:.1f} min; the configs are in the provenance file. "
+        f"Written by `python reproduce/ablation.py` (this call: {total_s / 60:.1f} min, finished runs reused; each "
+        "row's times are its own run's); the configs are in the provenance file. "
         "start: the metric before training (after the activation-aware fit, when there is one); times are "
         "optimisation seconds, the fit's included.",
         "",
@@ -294,9 +295,12 @@ def _plot(rows: list[dict[str, Any]], path: Path, name: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
+    colours = plt.get_cmap("tab20").colors  # one colour a variant: tab10's cycle would repeat past ten rows
+    for i, r in enumerate(rows):
         xs, ys = zip(*r["curve"])
-        ax.plot(xs, ys, marker="o", ms=3, lw=2.5 if r["variant"] in ("paper", "all") else 1.2, label=r["variant"])
+        bold = r["variant"] in ("paper", "best")
+        ax.plot(xs, ys, marker="o", ms=3, lw=2.5 if bold else 1.2, color=colours[(2 * i) % 20 + (i >= 10)],
+                label=r["variant"])  # fmt: skip
     ax.axhline(rows[0]["teacher_metric"], color="grey", lw=1, ls=":", label="teacher")
     if rows[0]["metric"] == "perplexity":
         ax.set_yscale("log")
