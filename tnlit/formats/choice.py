@@ -41,6 +41,7 @@ from tnlit.formats.ranks import (
     mpo_bond_dims,
     mpo_params,
 )
+from tnlit.formats.whiten import output_error
 
 __all__ = ["SPLITS", "Candidate", "Scored", "candidates", "choose", "site_splits"]
 
@@ -241,9 +242,4 @@ def _output_error(w: torch.Tensor, cand: Candidate, cov: torch.Tensor) -> float:
         approx = a @ b
     else:
         approx = mpo_to_matrix(mpo_from_matrix(w, cand.in_dims, cand.out_dims, bond_dim=list(cand.ranks)))
-    w64 = w.double()
-    d = w64 - approx.double()
-    total = float((w64 * (cov @ w64)).sum())
-    if total <= 0.0:
-        return 0.0
-    return math.sqrt(max(float((d * (cov @ d)).sum()), 0.0) / total)
+    return output_error(approx.T, w.T, cov)  # whiten's (out, in) layout: the transposes of x @ W
