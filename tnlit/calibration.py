@@ -35,7 +35,7 @@ from tnlit.formats.whiten import (
     tucker2_outer_fit,
     whitened_lowrank,
 )
-from tnlit.layers.base import TensorizedLayer, is_hf_conv1d
+from tnlit.layers.base import TensorizedLayer, dense_weight_io, is_hf_conv1d
 from tnlit.layers.conv import TuckerConv2d
 from tnlit.layers.linear import FactorizedLinear, LowRankLinear, MPOLinear
 
@@ -147,8 +147,9 @@ def input_covariances(
 
 def _dense_matrix(module: nn.Module) -> torch.Tensor:
     """A teacher layer's weight as the ``(out, in)`` matrix of ``y = W x`` (a conv kernel flattened per output)."""
-    w = module.weight.detach()
-    return w.t() if is_hf_conv1d(module) else w.reshape(w.shape[0], -1)
+    if isinstance(module, nn.Conv2d):
+        return module.weight.detach().reshape(module.out_channels, -1)
+    return dense_weight_io(module)[0].t()  # the one adapter between nn.Linear's and Conv1D's layouts
 
 
 def _student_matrix(layer: TensorizedLayer) -> torch.Tensor:
