@@ -165,8 +165,12 @@ def variants(config: dict[str, Any], uniform_cr: float) -> dict[str, tuple[str, 
 
 
 def _steps(config: dict[str, Any]) -> int:
+    """Optimizer steps of the slice-wise phase: text windows per epoch, or the digits' train split, over the batch."""
+    from tnlit.data.offline import DigitsDataModule
+
     init = config["data"]["init_args"]
-    per_epoch = max(1, init.get("train_sequences", 1297) // init.get("batch_size", 64))
+    examples = init.get("train_sequences", DigitsDataModule.split_sizes[0])
+    per_epoch = max(1, examples // init.get("batch_size", 64))
     return per_epoch * config["slicewise"]["epochs"]
 
 
