@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from tnlit.atomic import atomic_csv, atomic_png, atomic_text
-from tnlit.quickstart import result_row, train_teacher
+from tnlit.commands.quickstart import result_row, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_TEACHERS = ROOT / "configs" / "quickstart" / "teachers"

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tnlit import Rule, TensorizePlan, tensorize
-from tnlit.activations import capture
+from tnlit.activations.capture import capture
 from tnlit.atomic import atomic_csv, atomic_text
 from tnlit.methods.common import factor_parameters
 from tnlit.provenance import write_provenance

@@ -24,21 +24,20 @@ import argparse
 import csv
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, Dataset
 
-import tnlit.pipeline  # noqa: F401 - its logging filter quiets Lightning's advert at every Trainer
 from tnlit.atomic import atomic_csv, atomic_text
 from tnlit.methods.global_finetune import GlobalFinetune
 from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.models.resnet import cifar_resnet34
+from tnlit.pipeline.callbacks import OptimisationTimer, quiet_lightning
 from tnlit.provenance import write_provenance
 from tnlit.slices import make_slices
 from tnlit.tensorize import TensorizePlan, tensorize
@@ -62,26 +61,6 @@ class _Images(Dataset):
         return self.images[index], self.labels[index]
 
 
-class _StepTimer(Callback):
-    """Wall seconds of each training batch (forward, backward, step), synchronised on CUDA."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        self._sync(trainer)
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        self._sync(trainer)
-        self.seconds.append(time.perf_counter() - self._start)
-
-    @staticmethod
-    def _sync(trainer: Trainer) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize(trainer.strategy.root_device)
-
-
 def measure(phase: str, batch: int, plan: TensorizePlan, *, width: int, steps: int, warmup: int, device: str,
             precision: str | None, granularity: str = "block") -> dict[str, Any]:  # fmt: skip
     """Median seconds per training step and images/s of one phase (``slicewise`` or ``global``)."""
@@ -95,7 +74,8 @@ def measure(phase: str, batch: int, plan: TensorizePlan, *, width: int, steps: i
         module = GlobalFinetune(student, task="classification", lr=5e-4)
     loader = DataLoader(_Images(batch * (steps + warmup), 10), batch_size=batch, shuffle=True,
                         pin_memory=device == "gpu", drop_last=True)  # fmt: skip
-    timer = _StepTimer()
+    quiet_lightning()  # no cloud-logger advert at every Trainer
+    timer = OptimisationTimer()
     trainer = Trainer(
         max_epochs=1, accelerator=device, devices=1, precision=precision, logger=False, callbacks=[timer],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -118,9 +118,9 @@ def benchmarks(run_dir: Path, tasks: list[str], limit: float | None, which: str)
     if key not in kept:
         import torch
 
+        from tnlit.commands.inspect import load_run
         from tnlit.data.openwebtext import load_tokenizer
         from tnlit.evaluate import lm_eval_benchmarks
-        from tnlit.inspect_command import load_run
 
         teacher, student, config = load_run(run_dir)
         tokenizer = load_tokenizer(config["data"]["init_args"]["tokenizer"])

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from tnlit.analysis.sensitivity import sensitivity_plan, sensitivity_sweep, write_sensitivity
 from tnlit.pipeline import load_teacher
 from tnlit.provenance import write_provenance
-from tnlit.sensitivity import sensitivity_plan, sensitivity_sweep, write_sensitivity
 from tnlit.tensorize import Rule
 
 PATTERN = r"layer\d\.\d+\.conv[12]"

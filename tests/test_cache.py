@@ -8,11 +8,11 @@ from lightning.pytorch import Trainer
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import tnlit.activation_store
+import tnlit.activations.store
 from tnlit import Rule, TensorizePlan, tensorize
-from tnlit.activation_store import open_store, teacher_fingerprint
-from tnlit.activations import capture
-from tnlit.data.activations import ActivationDataModule
+from tnlit.activations.capture import capture
+from tnlit.activations.datamodule import ActivationDataModule
+from tnlit.activations.store import open_store, teacher_fingerprint
 from tnlit.data.synthetic import RandomTokensDataModule
 from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.pipeline import SliceSettings, compress, load_teacher
@@ -124,7 +124,7 @@ def test_a_damaged_or_missing_shard_is_said_and_recomputed(tmp_path, damage):
 def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     teacher, _, data, slices = parts()
     open_store(tmp_path / "clean", teacher, data, slices, progress=False)
-    monkeypatch.setattr(tnlit.activation_store, "_MANIFEST_EVERY_S", 0.0)
+    monkeypatch.setattr(tnlit.activations.store, "_MANIFEST_EVERY_S", 0.0)
     calls = {"n": 0}
 
     def capture_then_die(*args):
@@ -133,12 +133,12 @@ def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, monkeypatch):
             raise RuntimeError("simulated kill")
         return capture(*args)
 
-    monkeypatch.setattr(tnlit.activation_store, "capture", capture_then_die)
+    monkeypatch.setattr(tnlit.activations.store, "capture", capture_then_die)
     with pytest.raises(RuntimeError, match="simulated kill"):
         open_store(tmp_path / "cache", teacher, data, slices, progress=False)
     manifest = json.loads((tmp_path / "cache/manifest.json").read_text())
     assert not manifest["complete"] and len(manifest["shards"]) == 2
-    monkeypatch.setattr(tnlit.activation_store, "capture", capture)
+    monkeypatch.setattr(tnlit.activations.store, "capture", capture)
     assert open_store(tmp_path / "cache", teacher, data, slices, progress=False).built == 2
     assert_same_store(tmp_path / "clean", tmp_path / "cache")
     again = open_store(tmp_path / "cache", teacher, data, slices, progress=False)

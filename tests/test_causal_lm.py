@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tnlit import Rule, TensorizePlan, tensorize
-from tnlit.activations import capture
+from tnlit.activations.capture import capture
 from tnlit.slices import SliceModule, make_slices
 
 GPT2_MLP = r"transformer\.h\.\d+\.mlp\.c_(fc|proj)"

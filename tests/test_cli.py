@@ -152,7 +152,7 @@ def test_compress_config_mistake_fails_before_any_work(tmp_path, capsys, monkeyp
         pytest.fail("a config mistake reached data loading or evaluation")
 
     monkeypatch.setattr(PydocTextDataModule, "setup", no_work)
-    monkeypatch.setattr("tnlit.pipeline._evaluate", no_work)
+    monkeypatch.setattr("tnlit.pipeline.recipe.evaluate_task", no_work)
     config = tmp_path / "x.yaml"
     config.write_text(COMPRESS.format(rule=rule, extra=extra, run_dir=tmp_path / "run"))
     with pytest.raises(SystemExit) as done:

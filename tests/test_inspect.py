@@ -11,15 +11,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tnlit import Rule, TensorizePlan, estimate, tensorize
-from tnlit.bond_activations import bond_activations, bond_vectors, describe_unit, top_activating
+from tnlit.analysis.bond_activations import bond_activations, bond_vectors, describe_unit, top_activating
+from tnlit.analysis.bonds import bond_spectra, bond_stats, canonical_factors, canonicalize_, model_bond_stats
+from tnlit.analysis.compressibility import compressibility_map, every_layer_plan
 from tnlit.cli import main
-from tnlit.compressibility import budget_plan, compressibility_map, every_layer_plan, layer_curves
+from tnlit.commands.inspect import load_run
 from tnlit.data.synthetic import RandomTokensDataModule
 from tnlit.formats import effective_rank, spectrum_entropy, truncation_errors
-from tnlit.inspect import bond_spectra, bond_stats, canonical_factors, canonicalize_, model_bond_stats
-from tnlit.inspect_command import load_run
 from tnlit.layers import LowRankLinear, MPOLinear, TuckerConv2d
 from tnlit.pipeline import SliceSettings, compress
+from tnlit.tensorize import budget_plan, layer_curves
 
 MLP = r"transformer\.h\.\d+\.mlp\.c_(fc|proj)"
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tnlit import Rule, TensorizePlan, pipeline
+from tnlit import Rule, TensorizePlan
 from tnlit.data.synthetic import RandomTokensDataModule
 from tnlit.methods.slice_distill import SliceDistillation
-from tnlit.pipeline import FinetuneSettings, LogSettings, RunDirError, SliceSettings, compress
+from tnlit.pipeline import FinetuneSettings, LogSettings, RunDirError, SliceSettings, callbacks, compress
 
 PLAN = TensorizePlan([Rule(r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", "mpo", cr=0.5)])
 
@@ -167,9 +167,9 @@ def test_wandb_offline_logs_every_phase_and_resumes_with_the_run_dir(tmp_path, m
         run(tmp_path / "run", log=LogSettings(wandb=True))
     run_id = json.loads((tmp_path / "run/state.json").read_text())["wandb_id"]
     # As a new process would: the crashed call's W&B run finished, compress() knows of no open run.
-    for open_run in pipeline._WANDB_RUNS.values():
+    for open_run in callbacks._WANDB_RUNS.values():
         open_run.finish(exit_code=1)
-    monkeypatch.setattr(pipeline, "_WANDB_RUNS", {})
+    monkeypatch.setattr(callbacks, "_WANDB_RUNS", {})
     monkeypatch.setattr(SliceDistillation, "training_step", step)
 
     state = run(tmp_path / "run", log=LogSettings(wandb=True))

@@ -144,8 +144,8 @@ def test_a_rerun_resumes_from_init_safetensors_without_fitting_again(tmp_path, f
     assert "init" in json.loads((tmp_path / "run/state.json").read_text())
 
     monkeypatch.setattr(SliceDistillation, "training_step", step)
-    monkeypatch.setattr("tnlit.calibration.activation_init_", lambda *a, **k: pytest.fail("fitted again"))
-    monkeypatch.setattr("tnlit.calibration.input_covariances", lambda *a, **k: pytest.fail("calibrated again"))
+    monkeypatch.setattr("tnlit.pipeline.phases.activation_init_", lambda *a, **k: pytest.fail("fitted again"))
+    monkeypatch.setattr("tnlit.pipeline.phases.input_covariances", lambda *a, **k: pytest.fail("calibrated again"))
     state = run(tmp_path / "run", files)
     assert state["done"] and state["init"] == runs["activation"][1]["init"]
     assert state["final_metric"] == pytest.approx(runs["activation"][1]["final_metric"])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tnlit.quickstart import quickstart
+from tnlit.commands.quickstart import quickstart
 
 TEACHER = """
 seed_everything: 0
@@ -103,7 +103,7 @@ def test_a_damaged_teacher_is_said_and_trained_again(tmp_path):
     weights = teachers / "tiny-gpt2-bytes.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.warns(UserWarning, match="unreadable.*training again"):
-        from tnlit.quickstart import train_teacher
+        from tnlit.commands.quickstart import train_teacher
 
         train_teacher(configs / "teachers" / "tiny-gpt2-bytes.yaml", teachers, progress=False)
     assert weights.stat().st_size > 100

@@ -7,7 +7,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from tnlit.sensitivity import LayerSensitivity, sensitivity_plan, sensitivity_sweep, write_sensitivity
+from tnlit.analysis.sensitivity import LayerSensitivity, sensitivity_plan, sensitivity_sweep, write_sensitivity
 from tnlit.tensorize import Rule, TensorizePlan, tensorize
 
 

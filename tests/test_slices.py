@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 from tnlit import Rule, TensorizePlan, tensorize
-from tnlit.activations import capture, capture_student
+from tnlit.activations.capture import capture, capture_student
 from tnlit.methods.global_finetune import GlobalFinetune
 from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.slices import Slice, SliceModule, make_slices

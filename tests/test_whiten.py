@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tnlit import Rule, TensorizePlan, tensorize
-from tnlit.calibration import activation_init_, input_covariances, layer_inputs
+from tnlit.activations.calibration import activation_init_, input_covariances, layer_inputs
 from tnlit.formats.canonical import mpo_mixed_canonical
 from tnlit.formats.mpo import mpo_to_matrix
 from tnlit.formats.tucker import tucker2_to_kernel

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LM_EVAL_METRICS", "accuracy", "lm_eval_benchmarks", "perplexity"]
+from tnlit.types import Task
+
+__all__ = ["LM_EVAL_METRICS", "accuracy", "evaluate_task", "lm_eval_benchmarks", "perplexity"]
 
 
 @contextmanager
@@ -139,3 +141,16 @@ def lm_eval_benchmarks(
             if isinstance(value, (int, float)) and not name.endswith("_stderr") and name != "alias":
                 scores[f"{task}/{name}"] = float(value)
     return scores
+
+
+def evaluate_task(model: nn.Module, data: Any, task: Task, device: torch.device | str) -> dict[str, float]:
+    """The task's metric on the DataModule's test split (``top1`` or ``perplexity``); for a DataModule with several
+    evaluation texts (``test_dataloaders()``, as tnlit.data.text_sources has), also on each alone, keyed
+    ``<metric>/<name>``: a compression calibrated on some sources must be judged on every one, and on unseen ones."""
+    model.to(device)
+    data.setup("test")
+    key, measure = ("top1", accuracy) if task == "classification" else ("perplexity", perplexity)
+    metrics = {key: measure(model, data.test_dataloader(), device=device)}
+    if callable(by_source := getattr(data, "test_dataloaders", None)):
+        metrics.update({f"{key}/{name}": measure(model, loader, device=device) for name, loader in by_source().items()})
+    return metrics

@@ -1,11 +1,11 @@
-"""LightningDataModules. ``offline``: data that ships inside Python packages (the embedded quickstart);
-``activations``: teacher activations read back from an activation store (slice-wise distillation)."""
+"""LightningDataModules: ``offline`` (data that ships inside Python packages: the embedded quickstart),
+``text_sources`` (a mix of offline English texts), ``cifar``, ``imagenet``, ``openwebtext`` (the papers' data) and
+``synthetic`` (random tokens for tests and timings). The activation store's DataModule is
+:mod:`tnlit.activations.datamodule`."""
 
-from tnlit.data.activations import ActivationDataModule
 from tnlit.data.offline import DigitsDataModule, PydocTextDataModule, decode_bytes, encode_bytes, pydoc_text
 
 __all__ = [
-    "ActivationDataModule",
     "DigitsDataModule",
     "PydocTextDataModule",
     "decode_bytes",

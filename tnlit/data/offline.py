@@ -19,7 +19,15 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["DigitsDataModule", "PydocTextDataModule", "decode_bytes", "encode_bytes", "pydoc_text"]
+__all__ = [
+    "DigitsDataModule",
+    "PydocTextDataModule",
+    "RandomWindows",
+    "TokenWindows",
+    "decode_bytes",
+    "encode_bytes",
+    "pydoc_text",
+]
 
 # --------------------------------------------------------------------------------------------- images
 
@@ -149,7 +157,7 @@ def decode_bytes(ids: Tensor | list[int]) -> str:
     return bytes(values).decode("utf-8", errors="replace")
 
 
-class _Windows(Dataset):
+class TokenWindows(Dataset):
     """Windows of ``seq_len`` tokens of a stream; window ``i`` starts at token ``i * stride``."""
 
     def __init__(self, tokens: Tensor, seq_len: int, stride: int) -> None:
@@ -165,7 +173,7 @@ class _Windows(Dataset):
         return self.tokens[start : start + self.seq_len]
 
 
-class _RandomWindows(Sampler[int]):
+class RandomWindows(Sampler[int]):
     """``num_samples`` window indices drawn uniformly with replacement, reseeded from (seed, epoch) every epoch.
 
     Lightning calls ``set_epoch`` at the start of each epoch, so every epoch sees fresh windows and a rerun with
@@ -221,9 +229,9 @@ class PydocTextDataModule(LightningDataModule):
         self.train_tokens: Tensor | None = None
         self.val_tokens: Tensor | None = None
         self.test_tokens: Tensor | None = None
-        self.train_dataset: _Windows | None = None
-        self.val_dataset: _Windows | None = None
-        self.test_dataset: _Windows | None = None
+        self.train_dataset: TokenWindows | None = None
+        self.val_dataset: TokenWindows | None = None
+        self.test_dataset: TokenWindows | None = None
 
     encode = staticmethod(encode_bytes)
     decode = staticmethod(decode_bytes)
@@ -239,14 +247,14 @@ class PydocTextDataModule(LightningDataModule):
         self.train_tokens, self.val_tokens = tokens[:end_train], tokens[end_train:end_val]
         self.test_tokens = tokens[end_val:]
         # Train windows may start at any token (stride 1, drawn by the sampler); val / test windows do not overlap.
-        self.train_dataset = _Windows(self.train_tokens, self.seq_len, stride=1)
-        self.val_dataset = _Windows(self.val_tokens, self.seq_len, stride=self.seq_len)
-        self.test_dataset = _Windows(self.test_tokens, self.seq_len, stride=self.seq_len)
+        self.train_dataset = TokenWindows(self.train_tokens, self.seq_len, stride=1)
+        self.val_dataset = TokenWindows(self.val_tokens, self.seq_len, stride=self.seq_len)
+        self.test_dataset = TokenWindows(self.test_tokens, self.seq_len, stride=self.seq_len)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._ready(self.train_dataset)
         count = self.train_sequences or len(self.train_tokens) // self.seq_len
-        sampler = _RandomWindows(len(dataset), count, self.seed)
+        sampler = RandomWindows(len(dataset), count, self.seed)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
@@ -256,7 +264,7 @@ class PydocTextDataModule(LightningDataModule):
         return DataLoader(self._ready(self.test_dataset), batch_size=self.batch_size, num_workers=self.num_workers)
 
     @staticmethod
-    def _ready(dataset: _Windows | None) -> _Windows:
+    def _ready(dataset: TokenWindows | None) -> TokenWindows:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         return dataset

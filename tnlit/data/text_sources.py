@@ -29,7 +29,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader
 
-from tnlit.data.offline import _RandomWindows, _Windows, encode_bytes, pydoc_text
+from tnlit.data.offline import RandomWindows, TokenWindows, encode_bytes, pydoc_text
 
 __all__ = ["BUILTIN_SOURCES", "TextSourcesDataModule", "read_source"]
 
@@ -125,8 +125,8 @@ class TextSourcesDataModule(LightningDataModule):
         self.sources, self.unseen, self.tokenizer = list(sources), list(unseen), tokenizer
         self.seq_len, self.batch_size, self.train_sequences = seq_len, batch_size, train_sequences
         self.eval_sequences, self.held_out_fraction, self.seed = eval_sequences, held_out_fraction, seed
-        self.train_sets: dict[str, _Windows] = {}
-        self.test_sets: dict[str, _Windows] = {}
+        self.train_sets: dict[str, TokenWindows] = {}
+        self.test_sets: dict[str, TokenWindows] = {}
 
     def _encoder(self) -> Callable[[str], Tensor]:
         if self.tokenizer == "bytes":
@@ -151,9 +151,9 @@ class TextSourcesDataModule(LightningDataModule):
             tokens = encode(text)
             if source in self.sources:
                 cut = round(len(tokens) * (1 - self.held_out_fraction))
-                self.train_sets[name] = _Windows(tokens[:cut], self.seq_len, stride=1)
+                self.train_sets[name] = TokenWindows(tokens[:cut], self.seq_len, stride=1)
                 tokens = tokens[cut:]
-            held_out = _Windows(tokens, self.seq_len, stride=self.seq_len)
+            held_out = TokenWindows(tokens, self.seq_len, stride=self.seq_len)
             count = min(len(held_out), self.eval_sequences)
             self.test_sets[key] = torch.utils.data.Subset(held_out, range(count))
 
@@ -185,7 +185,7 @@ class TextSourcesDataModule(LightningDataModule):
             raise RuntimeError("call setup() before asking for a dataloader")
 
 
-class _MixedWindows(_RandomWindows):
+class _MixedWindows(RandomWindows):
     """``per_source`` windows drawn from each source (indices into their concatenation), in a shuffled order,
     reseeded from (seed, epoch) every epoch."""
 

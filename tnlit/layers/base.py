@@ -19,9 +19,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tnlit.types import Contraction, Layout
+
 __all__ = ["Contraction", "TensorizedLayer", "dense_weight_io", "is_hf_conv1d"]
 
-Contraction = Literal["auto", "factors", "dense"]
 _CONTRACTIONS = ("auto", "factors", "dense")
 
 # Input shapes whose strategy a layer remembers; a workload with ever-new shapes (LM evaluation with
@@ -34,7 +35,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
-def dense_weight_io(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, Literal["linear", "conv1d"]]:
+def dense_weight_io(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, Layout]:
     """The ``(in, out)`` weight, the bias and the source layout of an ``nn.Linear`` or a Hugging Face ``Conv1D``.
 
     The one adapter between the two layouts: ``nn.Linear`` stores ``(out, in)``, ``Conv1D`` stores ``(in, out)``.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Literal
 
 import opt_einsum as oe
 import torch
@@ -20,6 +19,7 @@ from tnlit.formats.lowrank import lowrank_from_matrix
 from tnlit.formats.mpo import mpo_equation, mpo_from_matrix, mpo_to_matrix
 from tnlit.formats.ranks import balanced_factors, mpo_bond_dims
 from tnlit.layers.base import Contraction, TensorizedLayer, dense_weight_io
+from tnlit.types import Layout
 
 __all__ = ["FactorizedLinear", "LowRankLinear", "MPOLinear"]
 
@@ -29,7 +29,7 @@ class FactorizedLinear(TensorizedLayer):
 
     in_features: int
     out_features: int
-    layout: Literal["linear", "conv1d"]
+    layout: Layout
     bias: nn.Parameter | None
 
     def _init_linear(self, in_features: int, out_features: int, bias: torch.Tensor | None, layout: str) -> None:
@@ -82,7 +82,7 @@ class MPOLinear(FactorizedLinear):
         bond_dims: Sequence[int] | None = None,
         *,
         bias: bool = True,
-        layout: Literal["linear", "conv1d"] = "linear",
+        layout: Layout = "linear",
         contraction: Contraction = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -204,7 +204,7 @@ class LowRankLinear(FactorizedLinear):
         rank: int,
         *,
         bias: bool = True,
-        layout: Literal["linear", "conv1d"] = "linear",
+        layout: Layout = "linear",
         contraction: Contraction = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
@@ -12,10 +12,10 @@ from lightning.pytorch import LightningDataModule
 from torch import nn
 
 from tnlit.layers.base import TensorizedLayer
+from tnlit.types import Schedule
 
 __all__ = ["FactorTraining", "Schedule", "configure_adam", "factor_parameters", "warmup_schedule"]
 
-Schedule = Literal["constant", "cosine"]
 
 
 def factor_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:

@@ -6,19 +6,19 @@ train. Logit distillation from the teacher (KL at a temperature) can be mixed in
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from tnlit.activations import batch_input
+from tnlit.activations.capture import batch_input
 from tnlit.methods.common import FactorTraining, Schedule, factor_parameters
+from tnlit.types import Task, check_choice
 
 __all__ = ["GlobalFinetune", "logits_of", "task_loss"]
 
-Task = Literal["classification", "causal_lm"]
 
 
 def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -64,8 +64,7 @@ class GlobalFinetune(FactorTraining, LightningModule):
             temperature: Softmax temperature of the logit distillation.
         """
         super().__init__()
-        if task not in ("classification", "causal_lm"):
-            raise ValueError(f"task must be 'classification' or 'causal_lm', got {task!r}")
+        check_choice("task", task, Task)
         if kd_weight and teacher is None:
             raise ValueError("kd_weight > 0 needs the teacher")
         self.save_hyperparameters(ignore=["teacher", "student"])

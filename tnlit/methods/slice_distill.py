@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from tnlit.activations import batch_input, capture, capture_student
+from tnlit.activations.capture import batch_input, capture, capture_student
 from tnlit.methods.common import FactorTraining, Schedule, factor_parameters
 from tnlit.slices import Slice, SliceModule
+from tnlit.types import SliceInputs, SliceLoss, check_choice
 
 __all__ = ["SliceDistillation"]
 
@@ -44,8 +45,8 @@ class SliceDistillation(FactorTraining, LightningModule):
         weight_decay: float = 0.0,
         schedule: Schedule = "constant",
         warmup_steps: int = 0,
-        inputs: Literal["teacher", "student", "mix"] = "teacher",
-        loss: Literal["mse", "relative"] = "mse",
+        inputs: SliceInputs = "teacher",
+        loss: SliceLoss = "mse",
     ) -> None:
         """
         Args:
@@ -64,10 +65,8 @@ class SliceDistillation(FactorTraining, LightningModule):
                 every slice's loss reads as the fraction of its output energy missed, whatever its scale.
         """
         super().__init__()
-        if inputs not in ("teacher", "student", "mix"):
-            raise ValueError(f"inputs must be 'teacher', 'student' or 'mix', got {inputs!r}")
-        if loss not in ("mse", "relative"):
-            raise ValueError(f"loss must be 'mse' or 'relative', got {loss!r}")
+        check_choice("inputs", inputs, SliceInputs)
+        check_choice("loss", loss, SliceLoss)
         self.save_hyperparameters(ignore=["teacher", "student", "slices"])
         self.teacher = teacher.requires_grad_(False) if teacher is not None else None
         self.student = student.requires_grad_(False)

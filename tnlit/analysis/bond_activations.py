@@ -20,21 +20,20 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import opt_einsum as oe
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tnlit.inspect import bond_dims, bond_labels, canonical_factors
+from tnlit.analysis.bonds import bond_dims, bond_labels, canonical_factors
 from tnlit.layers.base import TensorizedLayer
 from tnlit.layers.conv import TuckerConv2d
 from tnlit.layers.linear import LowRankLinear, MPOLinear
+from tnlit.types import Gauge
 
 __all__ = ["BondCapture", "Gauge", "bond_activations", "bond_vectors", "describe_unit", "find_layer", "top_activating"]
 
-Gauge = Literal["schmidt", "as_is"]
 
 
 def find_layer(model: nn.Module, name: str, bond: int | None = None) -> TensorizedLayer:

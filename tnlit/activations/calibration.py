@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from tnlit.activations import _Stop, batch_input
+from tnlit.activations.capture import StopForward, batch_input
 from tnlit.formats.canonical import mpo_mixed_canonical, tucker2_orthonormal
 from tnlit.formats.mpo import mpo_to_matrix
 from tnlit.formats.tucker import tucker2_to_kernel
@@ -120,7 +120,7 @@ def input_covariances(
             if len(seen) == len(modules):
                 # The rest of the network (an LM head, a classifier) computes nothing needed. (A layer called again
                 # later in the same forward, weights shared, would miss that call: none of tnlit's models does.)
-                raise _Stop
+                raise StopForward
 
         return record
 
@@ -133,7 +133,7 @@ def input_covariances(
             seen.clear()
             try:
                 model(x if param is None else x.to(param.device))
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         for h in handles:

@@ -8,21 +8,18 @@ straight from the decompositions, as ``tnlit report`` makes them).
 
 from __future__ import annotations
 
-import csv
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import nn
 
-from tnlit.atomic import atomic_path
-from tnlit.bond_activations import bond_activations, find_layer, top_activating
-from tnlit.compressibility import DEFAULT_CRS, budget_plan, compressibility_map, layer_curves
-from tnlit.formats.ranks import check_cr
-from tnlit.inspect import (
+from tnlit.analysis.bond_activations import bond_activations, find_layer, top_activating
+from tnlit.analysis.bonds import (
     bond_dims,
     format_bond_table,
     model_bond_stats,
@@ -30,7 +27,13 @@ from tnlit.inspect import (
     write_bonds_csv,
     write_spectra_csv,
 )
-from tnlit.tensorize import TensorizePlan, tensorize
+from tnlit.analysis.compressibility import DEFAULT_CRS, compressibility_map
+from tnlit.atomic import atomic_csv
+from tnlit.formats.ranks import check_cr
+from tnlit.models import load_model, load_teacher
+from tnlit.provenance import write_provenance
+from tnlit.tensorize import TensorizePlan, budget_plan, layer_curves, tensorize
+from tnlit.types import Decode
 
 __all__ = ["inspect", "load_run"]
 
@@ -43,7 +46,6 @@ def load_run(run_dir: Path) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """
     from safetensors.torch import load_model
 
-    from tnlit.pipeline import load_teacher
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -107,7 +109,7 @@ def inspect(
     top_k: int = 10,
     batches: int = 1,
     data: LightningDataModule | None = None,
-    decode: Literal["auto", "ids", "bytes"] = "auto",
+    decode: Decode = "auto",
 ) -> dict[str, Any]:
     """Inspect the bonds of a compressed model: spectra, entropies, compressibility map, budgeted plan, activations.
 
@@ -142,105 +144,121 @@ def inspect(
             bytes (byte-level models such as tiny-gpt2-bytes).
     """
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in ("data", "plan")}
-    from tnlit.provenance import write_provenance
-
-    if (run_dir is None) == (model is None):
-        raise ValueError("give either run_dir (a tnlit compress run) or model and plan, not both or neither")
-    if model is not None and plan is None:
-        raise ValueError(f"model {model!r} needs a plan (--plan.rules ...): which layers to tensorize, and how")
-    if run_dir is not None and plan is not None:
-        raise ValueError("a run directory brings its own plan (config.json): drop --plan, or use --model with it")
-    crs = [check_cr(c) for c in crs]
-    if budget_cr is not None:
-        check_cr(budget_cr)
-    if top_k < 1 or batches < 1:
-        raise ValueError(f"top_k and batches must be at least 1, got {top_k} and {batches}")
-
-    config: dict[str, Any] = {}
-    if run_dir is not None:
-        teacher, student, config = load_run(Path(run_dir))
-        plan = TensorizePlan(**config["plan"])
-        name = name or Path(run_dir).resolve().name
-    else:
-        from tnlit.models import load_model
-
-        teacher = load_model(model, pretrained=pretrained).eval()
-        student, _ = tensorize(teacher, plan)
-        student.eval()
-        name = name or _safe(Path(model).name)
+    _check_options(run_dir, model, plan, crs, budget_cr, top_k, batches)
+    teacher, student, plan, config, name = _open(run_dir, model, plan, pretrained, name)
     if layer is not None:  # check the choice before any work is done or any file written
-        dim = bond_dims(find_layer(student, layer, bond))[bond]
-        if not 0 <= direction < dim:
-            raise ValueError(f"direction {direction} is out of range for bond {bond} of {layer!r} (dimension {dim})")
-        if data is None and "data" not in config:
-            raise ValueError("bond activations need input data: give --data (a DataModule), or inspect a run directory")
-
+        _check_bond(student, layer, bond, direction, has_data=data is not None or "data" in config)
     out_dir = Path(out_dir)
-    files: list[Path] = []
-    stats = model_bond_stats(student, layers)
-    for path, write in (
-        (out_dir / f"{name}_bonds.csv", write_bonds_csv),
-        (out_dir / f"{name}_spectra.csv", write_spectra_csv),
-    ):
-        write(stats, path)
-        files.append(path)
-    plot_spectra(stats, out_dir / f"{name}_spectra.png", title=name)
-    files.append(out_dir / f"{name}_spectra.png")
-    print(format_bond_table(stats))
-    result: dict[str, Any] = {"bonds": [s.row() for s in stats]}
-
+    result: dict[str, Any] = {}
+    files = _bonds(student, layers, out_dir, name, result)
     if compressibility or budget_cr is not None:
-        curves = layer_curves(teacher, plan)
-        if compressibility:
-            cmap = compressibility_map(teacher, plan, crs, curves=curves)
-            cmap.to_csv(out_dir / f"{name}_compressibility.csv")
-            cmap.heatmap(out_dir / f"{name}_compressibility.png", title=f"{name}: compressibility (no training)")
-            files += [out_dir / f"{name}_compressibility.csv", out_dir / f"{name}_compressibility.png"]
-        if budget_cr is not None:
-            budget = budget_plan(teacher, plan, cr=budget_cr, max_error=budget_max_error, curves=curves)
-            budget.to_yaml(out_dir / f"{name}_budget_plan.yaml")
-            files.append(out_dir / f"{name}_budget_plan.yaml")
-            print(budget)
-            result["budget"] = {
-                "budget": budget.budget, "params_after": budget.params_after, "total_error": budget.total_error,
-                "max_error": budget.max_error,
-                "uniform_cr": budget.uniform_cr, "uniform_params_after": budget.uniform_params_after,
-                "uniform_error": budget.uniform_error, "layers": budget.layers,
-            }  # fmt: skip
-
+        files += _maps(teacher, plan, out_dir, name, crs if compressibility else None, budget_cr, budget_max_error,
+                       result)  # fmt: skip
     if layer is not None:
         data = data if data is not None else _datamodule(config["data"])
-        rows = _top_inputs(student, data, layer, bond, direction, top_k, batches, _decoder(decode, data))
-        path = out_dir / f"{name}_top_{_safe(layer)}_b{bond}_d{direction}.csv"
-        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["rank", "index", "score", "input"])
-            writer.writeheader()
-            writer.writerows(rows)
-        files.append(path)
-        print(f"\ntop {len(rows)} inputs of {layer} bond {bond} direction {direction}:")
-        for row in rows:
-            print(f"  {row['score']:.4g}  {row['input']}")
-        result["top"] = rows
-
+        files.append(_top(student, data, (layer, bond, direction), top_k, batches, decode, out_dir / name, result))
     prov = out_dir / f"{name}_inspect.provenance.json"
-    write_provenance(
-        prov, {"options": options, "plan": _plain_plan(plan), "run_config": config, "files": [str(f) for f in files]}
-    )
+    write_provenance(prov, {"options": options, "plan": asdict(plan), "run_config": config,
+                            "files": [str(f) for f in files]})  # fmt: skip
     files.append(prov)
     print("\nwrote " + ", ".join(str(f) for f in files))
     result["files"] = [str(f) for f in files]
     return result
 
 
+def _check_options(
+    run_dir: Path | None, model: str | None, plan: TensorizePlan | None, crs: list[float], budget_cr: float | None,
+    top_k: int, batches: int,
+) -> None:  # fmt: skip
+    if (run_dir is None) == (model is None):
+        raise ValueError("give either run_dir (a tnlit compress run) or model and plan, not both or neither")
+    if model is not None and plan is None:
+        raise ValueError(f"model {model!r} needs a plan (--plan.rules ...): which layers to tensorize, and how")
+    if run_dir is not None and plan is not None:
+        raise ValueError("a run directory brings its own plan (config.json): drop --plan, or use --model with it")
+    for cr in [*crs, *([budget_cr] if budget_cr is not None else [])]:
+        check_cr(cr)
+    if top_k < 1 or batches < 1:
+        raise ValueError(f"top_k and batches must be at least 1, got {top_k} and {batches}")
+
+
+def _open(
+    run_dir: Path | None, model: str | None, plan: TensorizePlan | None, pretrained: bool, name: str | None
+) -> tuple[nn.Module, nn.Module, TensorizePlan, dict[str, Any], str]:
+    """``(teacher, student, plan, run config, name)`` of a run directory, or of a model tensorized by a plan."""
+    if run_dir is not None:
+        teacher, student, config = load_run(Path(run_dir))
+        return teacher, student, TensorizePlan(**config["plan"]), config, name or Path(run_dir).resolve().name
+    teacher = load_model(model, pretrained=pretrained).eval()
+    student, _ = tensorize(teacher, plan)
+    return teacher, student.eval(), plan, {}, name or _safe(Path(model).name)
+
+
+def _check_bond(student: nn.Module, layer: str, bond: int, direction: int, *, has_data: bool) -> None:
+    dim = bond_dims(find_layer(student, layer, bond))[bond]
+    if not 0 <= direction < dim:
+        raise ValueError(f"direction {direction} is out of range for bond {bond} of {layer!r} (dimension {dim})")
+    if not has_data:
+        raise ValueError("bond activations need input data: give --data (a DataModule), or inspect a run directory")
+
+
+def _bonds(student: nn.Module, layers: str | None, out_dir: Path, name: str, result: dict[str, Any]) -> list[Path]:
+    """The bond table (printed), its CSVs and the spectra plot."""
+    stats = model_bond_stats(student, layers)
+    files = [out_dir / f"{name}_bonds.csv", out_dir / f"{name}_spectra.csv", out_dir / f"{name}_spectra.png"]
+    write_bonds_csv(stats, files[0])
+    write_spectra_csv(stats, files[1])
+    plot_spectra(stats, files[2], title=name)
+    print(format_bond_table(stats))
+    result["bonds"] = [s.row() for s in stats]
+    return files
+
+
+def _maps(
+    teacher: nn.Module, plan: TensorizePlan, out_dir: Path, name: str, crs: list[float] | None,
+    budget_cr: float | None, budget_max_error: float | None, result: dict[str, Any],
+) -> list[Path]:  # fmt: skip
+    """The compressibility map (when ``crs``) and the budgeted plan (when ``budget_cr``), from one set of curves."""
+    files = []
+    curves = layer_curves(teacher, plan)
+    if crs is not None:
+        cmap = compressibility_map(teacher, plan, crs, curves=curves)
+        files += [out_dir / f"{name}_compressibility.csv", out_dir / f"{name}_compressibility.png"]
+        cmap.to_csv(files[-2])
+        cmap.heatmap(files[-1], title=f"{name}: compressibility (no training)")
+    if budget_cr is not None:
+        budget = budget_plan(teacher, plan, cr=budget_cr, max_error=budget_max_error, curves=curves)
+        files.append(out_dir / f"{name}_budget_plan.yaml")
+        budget.to_yaml(files[-1])
+        print(budget)
+        result["budget"] = {
+            "budget": budget.budget, "params_after": budget.params_after, "total_error": budget.total_error,
+            "max_error": budget.max_error,
+            "uniform_cr": budget.uniform_cr, "uniform_params_after": budget.uniform_params_after,
+            "uniform_error": budget.uniform_error, "layers": budget.layers,
+        }  # fmt: skip
+    return files
+
+
+def _top(
+    student: nn.Module, data: LightningDataModule, where: tuple[str, int, int], top_k: int, batches: int,
+    decode: Decode, prefix: Path, result: dict[str, Any],
+) -> Path:  # fmt: skip
+    """The inputs that excite one bond direction most, as CSV (``prefix_top_<layer>_b<bond>_d<direction>.csv``)."""
+    layer, bond, direction = where
+    rows = _top_inputs(student, data, layer, bond, direction, top_k, batches, _decoder(decode, data))
+    path = prefix.with_name(f"{prefix.name}_top_{_safe(layer)}_b{bond}_d{direction}.csv")
+    atomic_csv(path, rows, ["rank", "index", "score", "input"])
+    print(f"\ntop {len(rows)} inputs of {layer} bond {bond} direction {direction}:")
+    for row in rows:
+        print(f"  {row['score']:.4g}  {row['input']}")
+    result["top"] = rows
+    return path
+
+
 def _safe(text: str) -> str:
     """``text`` as a file name part: runs of anything but letters, digits, ``.``, ``-`` and ``_`` become ``_``."""
     return re.sub(r"[^\w.-]+", "_", text)
-
-
-def _plain_plan(plan: TensorizePlan) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(plan)
 
 
 @torch.no_grad()
@@ -255,7 +273,7 @@ def _top_inputs(
     decode: Any,
 ) -> list[dict[str, object]]:
     """Run ``batches`` test batches through the student and rank the inputs by their score on the bond direction."""
-    from tnlit.activations import batch_input
+    from tnlit.activations.capture import batch_input
 
     data.prepare_data()
     data.setup("test")

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tnlit.activation_store import ActivationStore
+from tnlit.activations.store import ActivationStore
 
 __all__ = ["ActivationDataModule"]
 

@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, seed_everything
@@ -39,14 +39,14 @@ from safetensors.torch import save
 from torch import nn
 from tqdm import tqdm
 
-from tnlit.activations import batch_input, capture
+from tnlit.activations.capture import batch_input, capture
 from tnlit.atomic import atomic_path, atomic_text
 from tnlit.slices import Slice
+from tnlit.types import StorageDtype
 
 __all__ = [
     "FORMAT_VERSION",
     "ActivationStore",
-    "StorageDtype",
     "data_fingerprint",
     "open_store",
     "teacher_fingerprint",
@@ -54,7 +54,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-StorageDtype = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST = "manifest.json"
 # While building, the manifest is rewritten at most this often: a kill loses at most this much finished work

@@ -1,18 +1,17 @@
-"""Compressibility map and budgeted rank allocation: what each layer loses at each CR without training, and a
-plan that spends a whole-model parameter budget where it costs least error.
+"""Budgeted rank allocation: a plan that spends a whole-model parameter budget where it costs least error.
 
 Choosing ranks is one of the main practical barriers of tensorization (PAPER.md section 2). A layer's error as a
 function of its ranks comes from one decomposition: the singular values of the matrix unfolded at the bond for a
 two-site MPO or a low-rank matrix (the TT-SVD / truncated SVD error is their tail), the channel-mode projections
 of a conv kernel for Tucker-2 (the HOSVD error, exactly), and a TT-SVD per candidate rank for MPOs of three sites
 or more. The error is the relative Frobenius error ``||W - W_hat|| / ||W||`` that ``tensorize``'s report shows,
-and the ranks for a CR come from the same closed forms (:mod:`tnlit.formats.ranks`).
+and the ranks for a CR come from the same closed forms (:mod:`tnlit.formats.ranks`). The same curves draw the
+compressibility map (:mod:`tnlit.analysis.compressibility`).
 """
 
 from __future__ import annotations
 
 import bisect
-import csv
 import dataclasses
 import heapq
 import math
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tnlit.atomic import atomic_path, atomic_png, atomic_text
+from tnlit.atomic import atomic_text
 from tnlit.formats.mpo import mpo_from_matrix, mpo_to_matrix
 from tnlit.formats.ranks import (
     RankError,
@@ -37,22 +36,12 @@ from tnlit.formats.ranks import (
     tucker2_ranks,
 )
 from tnlit.formats.spectra import truncation_errors
-from tnlit.layers.base import dense_weight_io, is_hf_conv1d
-from tnlit.tensorize import Rule, TensorizePlan, _count_params, _resolve
+from tnlit.layers.base import dense_weight_io
+from tnlit.tensorize.plan import Rule, TensorizePlan
+from tnlit.tensorize.targets import count_params, resolve
 
-__all__ = [
-    "DEFAULT_CRS",
-    "BudgetPlan",
-    "CompressibilityMap",
-    "LayerCurve",
-    "Option",
-    "budget_plan",
-    "compressibility_map",
-    "every_layer_plan",
-    "layer_curves",
-]
+__all__ = ["BudgetPlan", "LayerCurve", "Option", "budget_plan", "layer_curves"]
 
-DEFAULT_CRS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # The candidate caps of an MPO of three or more sites (each costs a TT-SVD): the caps these CRs give.
 _MPO_GRID = tuple(k / 50 for k in range(1, 50))
 
@@ -172,21 +161,6 @@ class LayerCurve:
         return [self.option(c) for c in unique]
 
 
-def every_layer_plan(
-    model: nn.Module, linear: str = "mpo", conv: str | None = "tucker", sites: int = 2
-) -> TensorizePlan:
-    """A plan that takes every ``nn.Linear`` / Hugging Face ``Conv1D`` (format ``linear``) and every ungrouped
-    ``nn.Conv2d`` (format ``conv``; None leaves them out), exactly (no CR): the input of a compressibility map."""
-    lin = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_hf_conv1d(m)]
-    cnv = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1] if conv else []
-    rules = [
-        Rule("|".join(map(re.escape, names)), fmt, sites=sites) for names, fmt in ((lin, linear), (cnv, conv)) if names
-    ]
-    if not rules:
-        raise ValueError("the model has no nn.Linear, Conv1D or nn.Conv2d to tensorize")
-    return TensorizePlan(rules=rules)
-
-
 def layer_curves(model: nn.Module, plan: TensorizePlan) -> list[LayerCurve]:
     """A :class:`LayerCurve` for every layer the plan selects (its patterns, formats and sites; its CRs are ignored)."""
     if any(p.is_meta for p in model.parameters()):
@@ -197,131 +171,7 @@ def layer_curves(model: nn.Module, plan: TensorizePlan) -> list[LayerCurve]:
             f"rules {', '.join(map(repr, auto))} have format 'auto', which picks a format per layer at one CR; a "
             "compressibility map or a budget allocation needs each rule's format fixed (mpo, lowrank, tucker)"
         )
-    return [LayerCurve(t.name, t.module, t.rule, t.site_dims) for t in _resolve(model, _exact(plan))]
-
-
-# --------------------------------------------------------------------------------------------------- map
-
-
-@dataclass
-class MapCell:
-    """One layer at one asked CR."""
-
-    layer: str
-    format: str
-    cr: float
-    ranks: list[int] | None
-    """None where the CR is out of reach for this layer."""
-    factor_params: int | None
-    achieved_cr: float | None
-    rel_error: float | None
-
-
-@dataclass
-class CompressibilityMap:
-    """Every selected layer's error at every asked CR (the CR rule's ranks, no training)."""
-
-    crs: list[float]
-    layers: list[str]
-    cells: list[MapCell]
-
-    def matrix(self) -> torch.Tensor:
-        """``(layers, crs)`` relative errors, NaN where out of reach."""
-        grid = torch.full((len(self.layers), len(self.crs)), float("nan"), dtype=torch.float64)
-        for c in self.cells:
-            if c.rel_error is not None:
-                grid[self.layers.index(c.layer), self.crs.index(c.cr)] = c.rel_error
-        return grid
-
-    def to_csv(self, path: str | Path) -> None:
-        """One row per layer and CR: layer, format, cr, ranks, factor_params, achieved_cr, rel_error."""
-        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["layer", "format", "cr", "ranks", "factor_params", "achieved_cr", "rel_error"])
-            for c in self.cells:
-                writer.writerow([
-                    c.layer, c.format, c.cr, "" if c.ranks is None else " ".join(map(str, c.ranks)),
-                    "" if c.factor_params is None else c.factor_params,
-                    "" if c.achieved_cr is None else f"{c.achieved_cr:.4f}",
-                    "" if c.rel_error is None else f"{c.rel_error:.6g}",
-                ])  # fmt: skip
-
-    def heatmap(self, path: str | Path, title: str = "") -> None:
-        """Layers (rows) by CR (columns), coloured by relative error; grey where out of reach."""
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-
-        grid = self.matrix().numpy()
-        fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(self.crs), 1.5 + 0.28 * len(self.layers)))
-        cmap = plt.get_cmap("magma_r").with_extremes(bad="0.8")
-        image = ax.imshow(
-            grid, aspect="auto", cmap=cmap, vmin=0.0, vmax=max(1e-12, float(torch.nan_to_num(self.matrix()).max()))
-        )
-        ax.set_xticks(range(len(self.crs)), [f"{c:g}" for c in self.crs])
-        ax.set_yticks(range(len(self.layers)), self.layers, fontsize=7)
-        ax.set_xlabel("CR (fraction of the layer's parameters removed)")
-        if len(self.layers) * len(self.crs) <= 400:
-            for (i, j), value in _cells(grid):
-                ax.text(
-                    j,
-                    i,
-                    f"{value:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if value > 0.5 * image.norm.vmax else "black",
-                )
-        fig.colorbar(image, ax=ax, label="relative error ||W - W_hat|| / ||W||")
-        ax.set_title(title or "compressibility map (no training)")
-        atomic_png(fig, path)
-
-
-def _cells(grid) -> list[tuple[tuple[int, int], float]]:
-    return [((i, j), float(v)) for i, row in enumerate(grid) for j, v in enumerate(row) if v == v]  # v == v: not NaN
-
-
-def compressibility_map(
-    model: nn.Module,
-    plan: TensorizePlan,
-    crs: tuple[float, ...] | list[float] = DEFAULT_CRS,
-    curves: list[LayerCurve] | None = None,
-) -> CompressibilityMap:
-    """The error of every layer the plan selects at every CR in ``crs``, without training.
-
-    Args:
-        model: The dense model (real weights).
-        plan: Which layers, in which format (and sites); its CRs are ignored. :func:`every_layer_plan` takes all.
-        crs: The per-layer CRs to evaluate.
-        curves: The layers' curves when already computed (:func:`layer_curves`).
-    """
-    crs = [check_cr(c) for c in crs]
-    curves = curves if curves is not None else layer_curves(model, plan)
-    cells = []
-    for curve in curves:
-        for cr in crs:
-            try:
-                ranks = curve.ranks_for_cr(cr)
-            except RankError:
-                cells.append(MapCell(curve.name, curve.format, cr, None, None, None, None))
-                continue
-            opt = curve.option(ranks)
-            cells.append(
-                MapCell(
-                    curve.name,
-                    curve.format,
-                    cr,
-                    list(opt.ranks),
-                    opt.params,
-                    1 - opt.params / curve.weight_params,
-                    opt.error,
-                )
-            )
-    return CompressibilityMap(crs, [c.name for c in curves], cells)
-
-
-# ------------------------------------------------------------------------------------------------ budget
+    return [LayerCurve(t.name, t.module, t.rule, t.site_dims) for t in resolve(model, _exact(plan))]
 
 
 @dataclass
@@ -477,18 +327,38 @@ def budget_plan(
             "give the budget as either cr (whole-model CR) or params (total parameters), not both or neither"
         )
     curves = curves if curves is not None else layer_curves(model, plan)
-    before = _count_params(model)
+    before = count_params(model)
     budget = int(params) if params is not None else math.floor((1.0 - check_cr(cr)) * before)
-    dense = sum(c.weight_params for c in curves)
-    fixed = before - dense  # the layers outside the plan
+    fixed = before - sum(c.weight_params for c in curves)  # the layers outside the plan
     room = budget - fixed  # what the tensorized layers' factors may use
     options = [c.options() for c in curves]
+    uniform_cr, uniform = _uniform_options(curves, options, budget, before, room)
+    if max_error is None and uniform is not None:
+        max_error = max(o.error for o in uniform)
+    cap = math.inf if max_error is None else max_error + 1e-12
+    frontiers = _frontiers(curves, options, uniform, cap, max_error)
+    within = "" if max_error is None else f" with no layer above relative error {max_error:.4f}"
+    _check_reach(budget, fixed, room, [f[0].params for f in frontiers], before, within)
+
+    alloc = _fill(_greedy(frontiers, room), frontiers, room)
+    if uniform is not None and max(o.error for o in uniform) <= cap:
+        if sum(o.error for o in uniform) < sum(o.error for o in alloc):
+            alloc = _fill(uniform, frontiers, room)
+    return _budget_plan(model, plan, curves, alloc, uniform, uniform_cr, budget, before, max_error)
+
+
+def _uniform_options(
+    curves: list[LayerCurve], options: list[list[Option]], budget: int, before: int, room: int
+) -> tuple[float, list[Option] | None]:
+    """The one per-layer CR that meets the budget, and each layer's option at it (None where a layer cannot reach
+    it); a ValueError saying what is possible when no ranks meet the budget at all."""
     stuck = [c.name for c, o in zip(curves, options) if not o]
     if stuck:
         raise ValueError(
             f"no rank of their format compresses these layers: {', '.join(stuck)}; exclude them from the plan"
         )
-    _check_reach(budget, fixed, room, [min(o.params for o in opts) for opts in options], before, "")
+    dense = sum(c.weight_params for c in curves)
+    _check_reach(budget, before - dense, room, [min(o.params for o in opts) for opts in options], before, "")
     if room >= dense:
         raise ValueError(
             f"a budget of {budget:,} parameters keeps every layer of the plan dense ({before:,} parameters in all): "
@@ -498,12 +368,17 @@ def budget_plan(
     try:
         uniform = [c.option(c.ranks_for_cr(uniform_cr)) for c in curves]
     except RankError:
-        uniform = None
-    if uniform is not None and sum(o.params for o in uniform) > room:  # round-off at the budget's edge
-        uniform = None
-    if max_error is None and uniform is not None:
-        max_error = max(o.error for o in uniform)
-    cap = math.inf if max_error is None else max_error + 1e-12
+        return uniform_cr, None
+    if sum(o.params for o in uniform) > room:  # round-off at the budget's edge
+        return uniform_cr, None
+    return uniform_cr, uniform
+
+
+def _frontiers(
+    curves: list[LayerCurve], options: list[list[Option]], uniform: list[Option] | None, cap: float,
+    max_error: float | None,
+) -> list[list[Option]]:  # fmt: skip
+    """Each layer's Pareto curve of the options within the error cap (the uniform plan's option among them)."""
     frontiers = [_pareto([o for o in [*opts, *([u] if u else [])] if o.error <= cap])
                  for opts, u in zip(options, uniform or [None] * len(curves))]  # fmt: skip
     stuck = [c.name for c, f in zip(curves, frontiers) if not f]
@@ -512,15 +387,16 @@ def budget_plan(
             f"no rank of their format keeps these layers within relative error {max_error}: {', '.join(stuck)}; "
             "raise max_error"
         )
-    within = "" if max_error is None else f" with no layer above relative error {max_error:.4f}"
-    _check_reach(budget, fixed, room, [f[0].params for f in frontiers], before, within)
+    return frontiers
 
-    alloc = _fill(_greedy(frontiers, room), frontiers, room)
-    if uniform is not None and max(o.error for o in uniform) <= cap:
-        if sum(o.error for o in uniform) < sum(o.error for o in alloc):
-            alloc = _fill(uniform, frontiers, room)
 
-    source = {t.name: t.rule for t in _resolve(model, _exact(plan))}
+def _budget_plan(
+    model: nn.Module, plan: TensorizePlan, curves: list[LayerCurve], alloc: list[Option],
+    uniform: list[Option] | None, uniform_cr: float, budget: int, before: int, max_error: float | None,
+) -> BudgetPlan:  # fmt: skip
+    """The allocation as a plan of one rule per layer, with the uniform plan's figures beside it."""
+    fixed = before - sum(c.weight_params for c in curves)
+    source = {t.name: t.rule for t in resolve(model, _exact(plan))}
     result = TensorizePlan(rules=[_rule(c, source[c.name], o.ranks) for c, o in zip(curves, alloc)])
     layers = [
         {"name": c.name, "format": c.format, "ranks": list(o.ranks), "params": o.params,

@@ -14,10 +14,10 @@ from torch import nn
 
 from tnlit.slices import Slice
 
-__all__ = ["batch_input", "capture", "capture_student"]
+__all__ = ["StopForward", "batch_input", "capture", "capture_student"]
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised from a hook to end a forward once every needed activation is recorded."""
 
 
@@ -46,7 +46,7 @@ def _forward_to_last_exit(
         def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
             exits[name] = output if isinstance(output, torch.Tensor) else output[0]
             if len(exits) == len(slices):
-                raise _Stop
+                raise StopForward
 
         return hook
 
@@ -60,7 +60,7 @@ def _forward_to_last_exit(
             handles.append(module.register_forward_hook(exit_hook(by_exit[module_name])))
     try:
         model(x)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         for h in handles:

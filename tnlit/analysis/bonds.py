@@ -15,7 +15,6 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -34,6 +33,7 @@ from tnlit.formats.spectra import effective_rank, energy_weights, spectrum_entro
 from tnlit.layers.base import TensorizedLayer
 from tnlit.layers.conv import TuckerConv2d
 from tnlit.layers.linear import LowRankLinear, MPOLinear
+from tnlit.types import Form
 
 __all__ = [
     "BondStats",
@@ -52,7 +52,6 @@ __all__ = [
     "write_spectra_csv",
 ]
 
-Form = Literal["left", "right", "mixed", "schmidt", "orthonormal"]
 _FORMS = {
     MPOLinear: ("left", "right", "mixed", "schmidt"),
     TuckerConv2d: ("orthonormal", "schmidt"),

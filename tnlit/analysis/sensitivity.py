@@ -22,7 +22,7 @@ from torch import nn
 
 from tnlit.atomic import atomic_csv, atomic_png, atomic_text
 from tnlit.evaluate import accuracy
-from tnlit.tensorize import Rule, TensorizePlan, _resolve, tensorize
+from tnlit.tensorize import Rule, TensorizePlan, resolve, tensorize
 
 __all__ = ["LayerSensitivity", "sensitivity_plan", "sensitivity_sweep", "write_sensitivity"]
 
@@ -48,7 +48,7 @@ def sensitivity_sweep(
     tensorized by the rule (in network order). The model is left untouched."""
     model = model.to(device).eval()
     dense = accuracy(model, loader, device=device)
-    names = [t.name for t in _resolve(model, TensorizePlan(rules=[rule]))]
+    names = [t.name for t in resolve(model, TensorizePlan(rules=[rule]))]
     rows = []
     for i, name in enumerate(names, 1):
         one = dataclasses.replace(rule, pattern=re.escape(name))

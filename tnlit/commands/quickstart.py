@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from tnlit.atomic import atomic_csv, atomic_path, atomic_png, atomic_text
+from tnlit.commands.compress import compress
+from tnlit.commands.parsing import call_command, lightning_cli
 
 __all__ = ["quickstart", "result_row", "train_teacher"]
 
@@ -59,12 +61,10 @@ def quickstart(
     started = time.perf_counter()
     teacher_configs = sorted((configs / "teachers").glob("*.yaml"))
     teacher_facts = {p.stem: train_teacher(p, Path(teachers), progress=progress) for p in teacher_configs}
-    from tnlit.cli import run_command
-
     rows = []
     for i, path in enumerate(runs, 1):
         print(f"\n[{i}/{len(runs)}] tnlit compress --config {path}", flush=True)
-        state = run_command(["compress", "--config", str(path), f"--progress={str(progress).lower()}"])
+        state = call_command(compress, ["--config", str(path), f"--progress={str(progress).lower()}"])
         rows.append(result_row(path, state))
         print(f"[{i}/{len(runs)}] {path.stem}: {_summary(rows[-1])}", flush=True)
     total_s = time.perf_counter() - started
@@ -97,8 +97,6 @@ def train_teacher(config: Path, out_dir: Path, *, progress: bool = True) -> dict
     config's hash, the training time and the final validation metrics."""
     from safetensors import safe_open
     from safetensors.torch import save_model
-
-    from tnlit.cli import lightning_cli
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights, facts_file = out_dir / f"{config.stem}.safetensors", out_dir / f"{config.stem}.json"

@@ -1,0 +1,162 @@
+"""``compress()``: tensorize -> slices -> train (slice-wise, global, or both) -> assemble -> evaluate, in one
+run directory (:mod:`tnlit.pipeline.run_dir`).
+
+Rerunning the same command resumes: finished slices and phases are loaded, not retrained; a phase that was
+interrupted restarts from its last epoch checkpoint; a finished activation store is reused (validated), an
+interrupted one completed; a finished run only reports.
+
+Launched by ``torchrun --nproc_per_node N`` (or ``srun`` with N tasks), each process trains its share of the slices
+and rank 0 assembles the student: see :mod:`tnlit.pipeline.parallel` and :mod:`tnlit.distributed`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, seed_everything
+from safetensors.torch import save_model
+from torch import nn
+
+from tnlit import distributed
+from tnlit.atomic import atomic_path
+from tnlit.evaluate import evaluate_task
+from tnlit.models import load_teacher
+from tnlit.pipeline.callbacks import Loggers, quiet_lightning
+from tnlit.pipeline.parallel import rank_worker, train_share
+from tnlit.pipeline.phases import global_phase, initialise, train_slices
+from tnlit.pipeline.run_dir import Run, open_run_dir, plain, refuse_another
+from tnlit.pipeline.settings import FinetuneSettings, InitSettings, LogSettings, SliceSettings, check_settings
+from tnlit.slices import Slice, make_slices
+from tnlit.tensorize import CompressionReport, TensorizePlan, tensorize
+from tnlit.types import Method, Task
+
+__all__ = ["compress"]
+
+
+def compress(
+    teacher: str,
+    data: LightningDataModule,
+    plan: TensorizePlan,
+    task: Task,
+    method: Method = "slicewise",
+    slicewise: SliceSettings = SliceSettings(),  # noqa: B008 - a frozen-by-convention default, never mutated
+    finetune: FinetuneSettings = FinetuneSettings(),  # noqa: B008
+    teacher_weights: Path | None = None,
+    run_dir: Path = Path("runs/compress"),
+    seed: int = 0,
+    accelerator: str = "auto",
+    precision: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: LogSettings = LogSettings(),  # noqa: B008
+    eval_each_epoch: bool = False,
+    init: InitSettings = InitSettings(),  # noqa: B008
+) -> dict[str, Any]:
+    """Compress a teacher by a plan and recover it slice-wise, globally, or both (hybrid); resumable.
+
+    Launched by ``torchrun --nproc_per_node N`` (or ``srun`` with N tasks), each process trains its share of the
+    slices, the global phase runs under DDP, and rank 0 writes the student (``tnlit.distributed``).
+
+    Args:
+        teacher: The dense model: a built-in name, a torchvision name, or a Hugging Face name / directory.
+        data: The DataModule (``class_path`` + ``init_args``) whose train split trains and test split evaluates.
+        plan: The tensorization plan.
+        task: ``classification`` (top-1 accuracy) or ``causal_lm`` (perplexity).
+        method: ``slicewise`` (the paper's method), ``global`` (the baseline) or ``hybrid`` (the first, then the
+            second).
+        slicewise: Slice-wise distillation settings.
+        finetune: Global finetuning settings.
+        teacher_weights: The teacher's weights: a safetensors file or a Lightning checkpoint from ``tnlit fit``.
+        run_dir: Where the run lives; rerunning with the same config resumes it.
+        seed: Seed of everything (data order, initialisation of nothing else: the factors come from SVDs).
+        accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
+        precision: Lightning precision (``bf16-mixed`` on GPUs); None is float32.
+        overwrite: Start afresh in a run directory that holds another config's run.
+        progress: Show Lightning's progress bars (and the activation store's while it is built).
+        log: Where the training curves go besides CSV (W&B); not part of the run's config.
+        eval_each_epoch: Also evaluate the student on the test split after every epoch of every phase, and record
+            each point (phase, epoch, optimisation seconds so far over all phases, metric) in state.json's
+            ``curve``: the metric against time, and the time to the best metric as the paper counts it.
+        init: How the factors start (SVD, or activation-aware from calibration batches of the train split).
+    """
+    args = dict(locals())
+    if distributed.current() is None and distributed.launched():
+        # torchrun or srun started several processes: this call is one rank of a slice-parallel job.
+        with distributed.join():
+            return compress(**args)
+    ranks, config = distributed.current(), plain(args)
+    check_settings(method, slicewise, finetune, init, data, eval_each_epoch, distributed_job=ranks is not None)
+    refuse_another(Path(run_dir), config, overwrite, compress)  # in seconds, before the teacher loads
+    quiet_lightning()
+    seed_everything(seed, workers=True, verbose=False)
+    model = load_teacher(teacher, teacher_weights).eval()
+    # A plan or a granularity that does not fit the model fails here, in seconds, and before the run directory
+    # is claimed: a directory claimed by a config that cannot run would refuse the corrected one.
+    student, report = tensorize(model, plan)
+    slices = make_slices(student, slicewise.granularity, slicewise.block_pattern) if method != "global" else []
+    run = Run(Path(run_dir), accelerator=accelerator, precision=precision, progress=progress, seed=seed)
+    if ranks is not None and not ranks.main:
+        return rank_worker(ranks, model, student, data, slices, run, config, slicewise, finetune)
+    run.state = open_run_dir(run.dir, config, overwrite, compress)
+    _prepare(run, model, student, report, data, init, config, log)
+    if eval_each_epoch:
+        run.evaluate = lambda student: evaluate_task(student, data, task, run.device)
+    if ranks is not None:
+        ranks.announce("run_dir")  # the other ranks may now prepare their data and train
+    _recover(run, model, student, data, task, method, slices, slicewise, finetune)
+    return _finish(run, student, method)
+
+
+def _prepare(
+    run: Run, model: nn.Module, student: nn.Module, report: CompressionReport, data: LightningDataModule,
+    init: InitSettings, config: dict[str, Any], log: LogSettings,
+) -> None:  # fmt: skip
+    """Write the report, set up the data, fit the start when asked, and open the loggers."""
+    report.to_csv(run.dir / "report.csv")
+    report.to_json(run.dir / "report.json")
+    if report.choices:
+        report.choices_to_csv(run.dir / "choices.csv")
+    run.state["compression"] = {"params_before": report.params_before, "params_after": report.params_after,
+                                "compression_rate": report.compression_rate}  # fmt: skip
+    data.prepare_data()
+    data.setup("fit")
+    initialise(model, student, data, init, run)
+    run.loggers = Loggers(log, run.dir, run.state, config, save=run.save)
+
+
+def _recover(
+    run: Run, model: nn.Module, student: nn.Module, data: LightningDataModule, task: Task, method: Method,
+    slices: list[Slice], slicewise: SliceSettings, finetune: FinetuneSettings,
+) -> None:  # fmt: skip
+    """Measure the teacher and the untrained student, then run the method's phases, each measured after it."""
+
+    def measure(model: nn.Module) -> dict[str, float]:
+        return evaluate_task(model, data, task, run.device)
+
+    run.once("teacher_metric", lambda: measure(model))
+    run.once("init_metric", lambda: measure(student))
+    if method in ("slicewise", "hybrid"):
+        ranks = distributed.current()
+        if ranks is None:
+            train_slices(model, student, data, slices, slicewise, run)
+        else:
+            train_share(ranks, model, student, data, slices, slicewise, run)
+        run.once(("metrics", "slicewise"), lambda: measure(student))
+    if method in ("global", "hybrid"):
+        ranks = distributed.current()
+        if ranks is not None:  # every rank of the job takes part: Lightning's DDP
+            run.trainer = {**run.trainer, **ranks.ddp(run.accelerator)}
+        global_phase(model, student, data, task, finetune, run)
+        run.once(("metrics", "global"), lambda: measure(student))
+
+
+def _finish(run: Run, student: nn.Module, method: Method) -> dict[str, Any]:
+    """Write the student (``save_model``: one copy of tied weights, an LM's embedding and head) and mark it done."""
+    with atomic_path(run.dir / "student.safetensors") as tmp:
+        save_model(student, str(tmp))
+    run.state["done"] = True
+    run.state["final_metric"] = run.state["metrics"][method if method != "hybrid" else "global"]
+    run.save()
+    run.loggers.close()
+    return run.state
