@@ -34,7 +34,11 @@ from tnlit.atomic import atomic_csv, atomic_png, atomic_text
 from tnlit.commands.quickstart import result_row, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART_TEACHERS = ROOT / "configs" / "quickstart" / "teachers"
+# The quickstart teachers' fit configs, by the name of their weights file (configs/quickstart.yaml lists them).
+QUICKSTART_TEACHERS = {
+    "cifar-resnet34-w16": ROOT / "configs" / "resnet34_quarter" / "digits" / "teacher.yaml",
+    "tiny-gpt2-bytes": ROOT / "configs" / "gpt2_bytes" / "pydoc" / "teacher.yaml",
+}
 MLP_PATTERNS = {
     "gpt2": r"transformer\.h\.\d+\.mlp\.c_(fc|proj)",
     "llama": r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
@@ -210,7 +214,7 @@ def ablation(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     name, config = base_config(model, args)
     if model in ("resnet", "gpt2"):
         teacher = {"resnet": "cifar-resnet34-w16", "gpt2": "tiny-gpt2-bytes"}[model]
-        train_teacher(QUICKSTART_TEACHERS / f"{teacher}.yaml", Path(args.teachers), progress=args.progress)
+        train_teacher(QUICKSTART_TEACHERS[teacher], Path(args.teachers), progress=args.progress, name=teacher)
     uniform = uniform_compression(config)
     table = variants(config, uniform)
     if args.only:

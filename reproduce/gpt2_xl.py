@@ -1,6 +1,6 @@
 """Regenerate the paper's GPT-2 XL tables: dense / global / slice-wise, and the optimisation-time table.
 
-1. Runs ``configs/gpt2_xl/owt_mlp_mpo_cr0.48_{global,slicewise}.yaml`` (slice-wise in ``stream`` mode on one GPU)
+1. Runs ``configs/gpt2_xl/openwebtext/{global,slicewise}_cr0.48.yaml`` (slice-wise in ``stream`` mode on one GPU)
    exactly as ``tnlit compress --config X.yaml`` would; ``--serial`` adds the ``serial`` config (the paper's
    single-GPU schedule: 48 slices one after another), and ``--nproc N`` the slice-wise config under
    ``torchrun --nproc_per_node N`` (one share of the slices per GPU) in ``<run_dir>_x<N>``. Finished runs only
@@ -41,8 +41,9 @@ from tnlit.atomic import atomic_csv, atomic_text
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "reproduce" / "paper_gpt2_xl.csv"
 PAPER_TIME = ROOT / "reproduce" / "paper_gpt2_xl_time.csv"
-CONFIGS = ROOT / "configs" / "gpt2_xl"
-NAME = "owt_mlp_mpo_cr0.48_{}.yaml"
+CONFIGS = ROOT / "configs" / "gpt2_xl" / "openwebtext"
+# The config file of each run (configs/<model>/<dataset>/<method>_cr<rate>.yaml; serial is a slice-wise variant).
+FILES = {"global": "global_cr0.48.yaml", "slicewise": "slicewise_cr0.48.yaml", "serial": "slicewise-serial_cr0.48.yaml"}
 SMOKE = Path("runs/gpt2_xl_smoke")
 C4_FILE = "en/c4-validation.00000-of-00008.json.gz"
 TIME_FIELDS = ["run", "gpus", "status", "optimisation_min", "wall_min", "slowest_rank_min", "paper_min"]
@@ -247,13 +248,13 @@ def smoke_configs(out: Path) -> Path:
             optimizer.zero_grad()
         teacher.save_pretrained(teacher_dir)
     for name in ("global", "slicewise", "serial"):
-        config = yaml.safe_load((CONFIGS / NAME.format(name)).read_text())
+        config = yaml.safe_load((CONFIGS / FILES[name]).read_text())
         config.update(teacher=str(teacher_dir), run_dir=str(out / "runs" / name), accelerator="cpu", precision=None)
         config["data"]["init_args"] = data_args
         section = "finetune" if name == "global" else "slicewise"
         config[section].update(lr=3e-3, epochs=1)
         (out / "configs").mkdir(parents=True, exist_ok=True)
-        atomic_text(out / "configs" / NAME.format(name), yaml.safe_dump(config, sort_keys=False))
+        atomic_text(out / "configs" / FILES[name], yaml.safe_dump(config, sort_keys=False))
     return out / "configs"
 
 
@@ -263,7 +264,7 @@ def smoke_configs(out: Path) -> Path:
 def main(argv: list[str] | None = None) -> str:
     """Run the GPT-2 XL experiments and write the tables; returns the Markdown."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", type=Path, default=CONFIGS, help="folder of the owt_mlp_mpo_cr0.48_*.yaml configs")
+    parser.add_argument("--configs", type=Path, default=CONFIGS, help="folder of the *_cr0.48.yaml configs")
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="where the tables are written")
     parser.add_argument("--serial", action="store_true", help="also the serial run (48 slices one after another)")
     parser.add_argument("--nproc", type=int, default=0, help="also the slice-wise run under torchrun on N GPUs")
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.smoke:
         args.configs, args.results = smoke_configs(SMOKE), SMOKE / "results"
         args.serial, args.nproc, args.benchmarks = True, args.nproc or 2, []  # --nproc 1: no torchrun job
-    config_of = {name: args.configs / NAME.format(name) for name in ("global", "slicewise", "serial")}
+    config_of = {name: args.configs / file for name, file in FILES.items()}
     states: dict[str, dict[str, Any] | None] = {"global": run_config(config_of["global"])}
     states["slicewise"] = run_config(config_of["slicewise"])
     if args.serial:

@@ -23,7 +23,7 @@ def test_a_stream_step_is_timed_and_each_row_has_its_phases():
     assert result["steps"] == 1 and result["images_per_s"] > 0 and result["model_cr"] > 0.4
     rows = dict(bench.table_rows(ROOT / "configs/resnet34"))
     assert len(rows) == 11
-    assert bench.phases(rows["cifar100/hybrid_cr0.7_50k"]) == [("slicewise", 8, 5), ("global", 64, 15)]
+    assert bench.phases(rows["cifar100/hybrid-50k_cr0.7"]) == [("slicewise", 8, 5), ("global", 64, 15)]
 
 
 @pytest.mark.slow

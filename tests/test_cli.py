@@ -1,6 +1,7 @@
 """The `tnlit` command: help, every shipped config, the report end to end, and clear errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,20 +9,35 @@ from pathlib import Path
 import pytest
 import yaml
 
+import tnlit
 from tnlit.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# The package's configs (what pip installs); the repository's configs/ links to them.
+SHIPPED = Path(tnlit.__file__).parent / "configs"
+# quickstart.yaml is the quickstart's list of runs, not a config.
+CONFIGS = sorted(p for p in SHIPPED.rglob("*.yaml") if p.name != "quickstart.yaml")
+# configs/<model>/<dataset>/<method>_cr<rate>.yaml (a method's variant after a dash), or a teacher's fit config.
+SCHEME = re.compile(r"[a-z0-9_]+/[a-z0-9_]+/([a-z]+(-[a-z0-9]+)*_cr\d+(\.\d+)?|teacher)\.yaml")
 
 
 def test_there_are_configs():
     assert len(CONFIGS) >= 3
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_the_repositorys_configs_are_the_shipped_ones():
+    assert (ROOT / "configs").resolve() == SHIPPED.resolve()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(SHIPPED)))
+def test_every_config_follows_the_naming_scheme(config):
+    assert SCHEME.fullmatch(config.relative_to(SHIPPED).as_posix())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(SHIPPED)))
 def test_every_shipped_config_parses(config, capsys):
-    # LightningCLI fit configs (tnlit fit --config X.yaml): a teachers/ folder's files, and any teacher.yaml.
-    if config.parent.name == "teachers" or config.name == "teacher.yaml":
+    # LightningCLI fit configs (tnlit fit --config X.yaml): every teacher.yaml.
+    if config.name == "teacher.yaml":
         with pytest.raises(SystemExit) as done:
             main(["fit", "--config", str(config), "--print_config"])
         assert done.value.code == 0
@@ -47,7 +63,7 @@ def test_help_documents_every_option(capsys):
 
 def test_report_end_to_end(tmp_path, capsys):
     main(
-        ["report", "--config", str(ROOT / "configs/tiny_gpt2/report_mlp_mpo_cr0.48.yaml"),
+        ["report", "--config", str(ROOT / "configs/tiny_gpt2/architecture/report_cr0.48.yaml"),
          "--csv", str(tmp_path / "r.csv"), "--json", str(tmp_path / "r.json")]
     )  # fmt: skip
     out = capsys.readouterr().out
@@ -57,7 +73,7 @@ def test_report_end_to_end(tmp_path, capsys):
 
 
 def test_gpt2_xl_dry_run_shows_the_papers_numbers(capsys):
-    main(["report", "--config", str(ROOT / "configs/gpt2_xl/report_mlp_mpo_cr0.48.yaml")])
+    main(["report", "--config", str(ROOT / "configs/gpt2_xl/architecture/report_cr0.48.yaml")])
     out = capsys.readouterr().out
     assert "96 layers tensorized, whole-model CR 0.30" in out
     assert "40x40 -> 80x80  832" in out

@@ -2,10 +2,12 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
-from tnlit.commands.quickstart import quickstart
+from tnlit.commands.quickstart import quickstart, shipped_configs
 
 TEACHER = """
 seed_everything: 0
@@ -57,12 +59,21 @@ run_dir: {runs}/{method}
 """
 
 
+METHODS = ("global", "hybrid", "slicewise")
+
+
 def make_configs(tmp_path):
+    """A miniature of the shipped layout: configs/<model>/<dataset>/<method>_cr<rate>.yaml and a quickstart.yaml."""
     configs, teachers, runs = tmp_path / "configs", tmp_path / "teachers", tmp_path / "runs"
-    (configs / "teachers").mkdir(parents=True)
-    (configs / "teachers" / "tiny-gpt2-bytes.yaml").write_text(TEACHER)
-    for method in ("global", "slicewise", "hybrid"):
-        (configs / f"mini_{method}.yaml").write_text(RUN.format(teachers=teachers, runs=runs, method=method))
+    (configs / "mini/pydoc").mkdir(parents=True)
+    (configs / "mini/pydoc/teacher.yaml").write_text(TEACHER)
+    for method in METHODS:
+        (configs / f"mini/pydoc/{method}_cr0.5.yaml").write_text(
+            RUN.format(teachers=teachers, runs=runs, method=method)
+        )
+    listed = {"teachers": {"tiny-gpt2-bytes": "mini/pydoc/teacher.yaml"},
+              "runs": [f"mini/pydoc/{method}_cr0.5.yaml" for method in METHODS]}  # fmt: skip
+    (configs / "quickstart.yaml").write_text(yaml.safe_dump(listed))
     return configs, teachers
 
 
@@ -71,12 +82,13 @@ def test_quickstart_trains_teachers_once_runs_every_config_and_writes_the_result
     results = tmp_path / "results"
     rows = quickstart(configs=configs, results=results, teachers=teachers, progress=False)
 
-    assert [r["method"] for r in rows] == ["global", "hybrid", "slicewise"]  # config files in name order
+    assert [r["method"] for r in rows] == list(METHODS)  # in the list's order
     facts = json.loads((teachers / "tiny-gpt2-bytes.json").read_text())
     assert facts["train_s"] > 0 and "val/ppl" in facts["val_metrics"]
     with open(results / "quickstart.csv") as f:
         table = list(csv.DictReader(f))
-    assert [t["config"] for t in table] == ["mini_global", "mini_hybrid", "mini_slicewise"]
+    # The config's path under configs/, not its stem: stems repeat across models.
+    assert [t["config"] for t in table] == [f"mini/pydoc/{method}_cr0.5" for method in METHODS]
     for t in table:
         assert 0 < float(t["optimisation_s"]) <= float(t["wall_s"])
         # The start counts as a point of the curve: the best is never worse than the start or the end.
@@ -86,7 +98,7 @@ def test_quickstart_trains_teachers_once_runs_every_config_and_writes_the_result
     assert (results / "quickstart.png").read_bytes()[:4] == b"\x89PNG"
     provenance = json.loads((results / "quickstart.provenance.json").read_text())
     assert provenance["git_commit"] and len(provenance["config"]["configs"]) == 4  # the teacher's and 3 runs
-    assert "method: hybrid" in provenance["config"]["configs"][str(configs / "mini_hybrid.yaml")]
+    assert "method: hybrid" in provenance["config"]["configs"]["mini/pydoc/hybrid_cr0.5.yaml"]
 
     # A rerun trains nothing: the teacher is reused and every run is finished.
     weights = teachers / "tiny-gpt2-bytes.safetensors"
@@ -105,10 +117,33 @@ def test_a_damaged_teacher_is_said_and_trained_again(tmp_path):
     with pytest.warns(UserWarning, match="unreadable.*training again"):
         from tnlit.commands.quickstart import train_teacher
 
-        train_teacher(configs / "teachers" / "tiny-gpt2-bytes.yaml", teachers, progress=False)
+        train_teacher(configs / "mini/pydoc/teacher.yaml", teachers, progress=False, name="tiny-gpt2-bytes")
     assert weights.stat().st_size > 100
 
 
 def test_no_config_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no compress config matching 'nothing'"):
         quickstart(configs=make_configs(tmp_path)[0], only="nothing", teachers=tmp_path / "t", progress=False)
+
+
+def test_a_folder_without_a_list_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no quickstart.yaml"):
+        quickstart(configs=tmp_path, teachers=tmp_path / "t", progress=False)
+
+
+def test_the_shipped_list_names_existing_configs_and_the_weights_they_read():
+    configs = shipped_configs()
+    listed = yaml.safe_load((configs / "quickstart.yaml").read_text())
+    assert len(listed["runs"]) == 12 and len(listed["teachers"]) == 2
+    for teacher in listed["teachers"].values():
+        assert (configs / teacher).is_file()
+    for run in listed["runs"]:
+        weights = Path(yaml.safe_load((configs / run).read_text())["teacher_weights"])
+        # The quickstart writes a teacher's weights as <its name in the list>.safetensors: the file the run reads.
+        assert weights.stem in listed["teachers"] and weights.parent == Path("runs/quickstart/teachers")
+
+
+def test_the_default_finds_the_shipped_configs_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no compress config matching 'nothing' in .*quickstart.yaml"):
+        quickstart(only="nothing", teachers=tmp_path / "t", progress=False)

@@ -30,21 +30,21 @@ def _smoke(tmp_path, monkeypatch, only):
 
 
 def test_smoke_selection_trains_both_teachers_runs_the_rows_and_writes_the_table(tmp_path, monkeypatch, capsys):
-    script, rows, md = _smoke(tmp_path, monkeypatch, "cifar10/slicewise_cr0.5_10k|cifar100/hybrid")
-    assert [r["config"] for r in rows] == ["cifar10/slicewise_cr0.5_10k", "cifar100/hybrid_cr0.7_50k"]
+    script, rows, md = _smoke(tmp_path, monkeypatch, "cifar10/slicewise-10k_cr0.5|cifar100/hybrid")
+    assert [r["config"] for r in rows] == ["cifar10/slicewise-10k_cr0.5", "cifar100/hybrid-50k_cr0.7"]
     assert rows[1]["paper_top1"] == "74.22" and rows[1]["paper_time_min"] == "106.01"
     assert float(rows[0]["compression_rate"]) > 0.4 and rows[0]["best_top1"]
     assert "SMOKE RUN" in md and "| 0.7 | hybrid | 50000 |" in md
     smoke_configs = str(tmp_path / "runs/resnet34_smoke/configs")
     capsys.readouterr()
-    assert script.main(["--configs", smoke_configs, "--list", "--only", "cifar100/hybrid|cifar100/global_cr0.5"]) == 0
+    assert script.main(["--configs", smoke_configs, "--list", "--only", "cifar100/hybrid|cifar100/global-50k"]) == 0
     listed = capsys.readouterr().out
     assert (
-        "cifar100/hybrid_cr0.7_50k        finished: top-1" in listed
-        and "cifar100/global_cr0.5_50k        new" in listed
+        "cifar100/hybrid-50k_cr0.7        finished: top-1" in listed
+        and "cifar100/global-50k_cr0.5        new" in listed
     )
     # Resumable: a second invocation reuses the teachers and the finished runs.
-    state = tmp_path / "runs/resnet34_smoke/cifar100/hybrid_cr0.7_50k/state.json"
+    state = tmp_path / "runs/resnet34_smoke/cifar100/hybrid-50k_cr0.7/state.json"
     times = json.loads(state.read_text())["times"]
     teacher = (tmp_path / "runs/resnet34_smoke/cifar100/teacher.safetensors").stat().st_mtime
     assert script.main(["--smoke", "--configs", str(ROOT / "configs/resnet34"), "--only", "cifar100/hybrid"]) == 0
@@ -84,8 +84,8 @@ def test_smoke_through_subprocesses_one_per_gpu_id(tmp_path, monkeypatch):
     # GPU ids on a CPU machine: the subprocess path (CUDA_VISIBLE_DEVICES, logs) runs the smoke configs on the CPU.
     monkeypatch.chdir(tmp_path)
     script = _script()
-    only = "cifar10/slicewise_cr0.5_10k|cifar100/global_cr0.5"
+    only = "cifar10/slicewise-10k_cr0.5|cifar100/global-50k_cr0.5"
     assert script.main(["--smoke", "--configs", str(ROOT / "configs/resnet34"), "--gpus", "0,1", "--only", only]) == 0
-    assert (tmp_path / "runs/resnet34_smoke/logs/cifar100_global_cr0.5_50k.log").exists()
+    assert (tmp_path / "runs/resnet34_smoke/logs/cifar100_global-50k_cr0.5.log").exists()
     rows = list(csv.DictReader((tmp_path / "runs/resnet34_smoke/results/resnet34_cifar.csv").open()))
     assert [r["status"] for r in rows] == ["done", "done"]

@@ -1,4 +1,4 @@
-"""Teacher activations read back from an activation store (``tnlit.activation_store``) for slice-wise distillation.
+"""Teacher activations read back from an activation store (``tnlit.activations.store``) for slice-wise distillation.
 
 Every batch is ``{slice name: (input, target)}`` in float32, what ``SliceDistillation`` trains on without running
 the teacher. The batches are the training batches the store was built from, whole: in their stored order, or
@@ -64,7 +64,7 @@ class ActivationDataModule(LightningDataModule):
     ) -> None:
         """
         Args:
-            root: The store's directory (see ``tnlit.activation_store.open_store``).
+            root: The store's directory (see ``tnlit.activations.store.open_store``).
             slices: The slices to read (only their tensors are read from disk); None reads every slice.
             shuffle: Visit the stored batches in a new order every epoch, drawn from ``seed + epoch``; off, in the
                 stored order (the order the DataModule gave when the store was built).

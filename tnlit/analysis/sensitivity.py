@@ -1,7 +1,7 @@
 """Per-layer sensitivity: tensorize one layer at a time (no training) and measure the top-1 it costs.
 
 The paper keeps 4 "sensitive" 3x3 convolutions of ResNet-34 dense, picked by such a sweep (which 4: UNKNOWN). The
-compressibility map (:mod:`tnlit.compressibility`) ranks layers by their *weight* error; a layer's weight error
+compressibility map (:mod:`tnlit.analysis.compressibility`) ranks layers by their *weight* error; a layer's weight error
 says little about what the network loses (an early conv with a small error can cost more top-1 than a late one with
 a large error), so this sweep measures the task metric itself: each selected layer alone is replaced by its
 factors at the target CR, the rest stays dense, and the top-1 on a held-out subset is compared with the dense
@@ -97,7 +97,10 @@ def write_sensitivity(
     for r in plan_data["plan"]["rules"]:  # only what was set: a compress config rejects none of it, reads it plainly
         for key in [key for key, value in r.items() if value is None or (key == "sites" and r["format"] != "mpo")]:
             del r[key]
-    header = f"# {title}\n# The {len(plan.exclude)} layers of the largest top-1 drop kept dense (tnlit.sensitivity).\n"
+    header = (
+        f"# {title}\n"
+        f"# The {len(plan.exclude)} layers of the largest top-1 drop kept dense (tnlit.analysis.sensitivity).\n"
+    )
     atomic_text(paths["plan"], header + yaml.safe_dump(plan_data, sort_keys=False))
     _plot(rows, dense, excluded, paths["png"], title)
     return paths

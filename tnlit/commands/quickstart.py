@@ -1,9 +1,12 @@
 """``tnlit quickstart``: the embedded default, end to end, with nothing downloaded.
 
-1. Trains the teachers of ``configs/quickstart/teachers/`` (LightningCLI ``fit`` configs: a CIFAR ResNet-34 at
-   reduced width on scikit-learn's digits, a byte-level GPT-2 on the standard library's pydoc text), once: their
-   weights are kept under ``runs/quickstart/teachers/`` and reused while their config is unchanged.
-2. Runs every ``configs/quickstart/*.yaml`` exactly as ``tnlit compress --config X.yaml`` would: each model at two
+The runs and teachers are listed in ``configs/quickstart.yaml``; the configs ship inside the package
+(``tnlit/configs``, which the repository's ``configs`` links to), so the command works from any folder.
+
+1. Trains the teachers (LightningCLI ``fit`` configs: a CIFAR ResNet-34 at reduced width on scikit-learn's digits,
+   a byte-level GPT-2 on the standard library's pydoc text), once: their weights are kept under
+   ``runs/quickstart/teachers/`` and reused while their config is unchanged.
+2. Runs every listed compress config exactly as ``tnlit compress --config X.yaml`` would: each model at two
    CRs with global finetuning, slice-wise distillation and the hybrid. Finished runs are not trained again.
 3. Writes ``results/quickstart.csv`` and ``.md`` (one row per run), ``quickstart.png`` (the metric against
    optimisation time, one line per method and CR) and ``quickstart.provenance.json``.
@@ -23,14 +26,14 @@ from tnlit.atomic import atomic_csv, atomic_path, atomic_png, atomic_text
 from tnlit.commands.compress import compress
 from tnlit.commands.parsing import call_command, lightning_cli
 
-__all__ = ["quickstart", "result_row", "train_teacher"]
+__all__ = ["quickstart", "result_row", "shipped_configs", "train_teacher"]
 
 # Per task: the metric's key in state.json, its label, and whether higher is better.
 _METRICS = {"classification": ("top1", "top-1 accuracy (%)", True), "causal_lm": ("perplexity", "perplexity", False)}
 
 
 def quickstart(
-    configs: Path = Path("configs/quickstart"),
+    configs: Path | None = None,
     results: Path = Path("results"),
     teachers: Path = Path("runs/quickstart/teachers"),
     only: str | None = None,
@@ -40,33 +43,38 @@ def quickstart(
     write the comparison to results/quickstart.{csv,md,png} with its provenance. Offline; resumable.
 
     Args:
-        configs: The folder of compress configs (``*.yaml``), with the teachers' LightningCLI configs in
-            ``teachers/`` beside them.
+        configs: A folder holding a ``quickstart.yaml`` (``teachers``: weights name -> LightningCLI fit config;
+            ``runs``: compress configs; paths relative to the folder). Default: the configs shipped in the package.
         results: Where quickstart.csv, .md, .png and .provenance.json are written.
-        teachers: Where each teacher's weights (``<config name>.safetensors``) and facts (``.json``) are kept; a
-            compress config names its teacher's weights file there.
-        only: Run only the compress configs whose file name matches this regular expression (the teachers they
-            need are trained all the same); the results then hold those runs only.
+        teachers: Where each teacher's weights (``<its name in the list>.safetensors``) and facts (``.json``) are
+            kept; a compress config names its teacher's weights file there.
+        only: Run only the compress configs whose path in the list (less ``.yaml``, e.g.
+            ``resnet34_quarter/digits/hybrid_cr0.7``) matches this regular expression (the teachers they need are
+            trained all the same); the results then hold those runs only.
         progress: Show progress bars.
     """
-    configs, results = Path(configs), Path(results)
-    runs = sorted(p for p in configs.glob("*.yaml"))
+    configs, results = Path(configs) if configs is not None else shipped_configs(), Path(results)
+    listed = _read_list(configs)
+    # Names relative to the folder, less .yaml: stems repeat across models (global_cr0.5 of two models).
+    runs = {name: configs / f"{name}.yaml" for name in (str(Path(r).with_suffix("")) for r in listed["runs"])}
     if only is not None:
-        runs = [p for p in runs if re.search(only, p.stem)]
+        runs = {name: p for name, p in runs.items() if re.search(only, name)}
     if not runs:
         raise FileNotFoundError(
-            f"no compress config {'matching ' + repr(only) + ' ' if only else ''}in {configs}: run tnlit quickstart "
-            "from the repository's root, or give --configs"
+            f"no compress config {'matching ' + repr(only) + ' ' if only else ''}in {configs / 'quickstart.yaml'}"
         )
     started = time.perf_counter()
-    teacher_configs = sorted((configs / "teachers").glob("*.yaml"))
-    teacher_facts = {p.stem: train_teacher(p, Path(teachers), progress=progress) for p in teacher_configs}
+    teacher_configs = {name: configs / path for name, path in listed["teachers"].items()}
+    teacher_facts = {
+        name: train_teacher(path, Path(teachers), progress=progress, name=name)
+        for name, path in teacher_configs.items()
+    }
     rows = []
-    for i, path in enumerate(runs, 1):
+    for i, (name, path) in enumerate(runs.items(), 1):
         print(f"\n[{i}/{len(runs)}] tnlit compress --config {path}", flush=True)
         state = call_command(compress, ["--config", str(path), f"--progress={str(progress).lower()}"])
-        rows.append(result_row(path, state))
-        print(f"[{i}/{len(runs)}] {path.stem}: {_summary(rows[-1])}", flush=True)
+        rows.append({**result_row(path, state), "config": name})
+        print(f"[{i}/{len(runs)}] {name}: {_summary(rows[-1])}", flush=True)
     total_s = time.perf_counter() - started
 
     results.mkdir(parents=True, exist_ok=True)
@@ -79,7 +87,9 @@ def quickstart(
         results / "quickstart.provenance.json",
         # The configs' text, so the results stay explained whatever the working tree held.
         {
-            "configs": {str(p): p.read_text() for p in [*teacher_configs, *runs]},
+            "configs": {
+                str(p.relative_to(configs)): p.read_text() for p in [*teacher_configs.values(), *runs.values()]
+            },
             "teachers": teacher_facts,
             "total_s": round(total_s, 1),
         },
@@ -88,18 +98,37 @@ def quickstart(
     return rows
 
 
+def shipped_configs() -> Path:
+    """The configs folder shipped in the package (``tnlit/configs``; the repository's ``configs`` links to it)."""
+    from importlib.resources import files
+
+    return Path(str(files("tnlit") / "configs"))
+
+
+def _read_list(configs: Path) -> dict[str, Any]:
+    """The quickstart's list of teachers and runs, ``<configs>/quickstart.yaml``."""
+    import yaml
+
+    path = configs / "quickstart.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no compress config in {configs}: it holds no quickstart.yaml listing the runs")
+    listed = yaml.safe_load(path.read_text()) or {}
+    return {"teachers": listed.get("teachers") or {}, "runs": listed.get("runs") or []}
+
+
 # ------------------------------------------------------------------------------------------ teachers
 
 
-def train_teacher(config: Path, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train the teacher of a LightningCLI ``fit`` config into ``out_dir/<config name>.safetensors``, unless weights
-    of that same config are there already (a damaged file is said and trained again). Returns its facts: the
-    config's hash, the training time and the final validation metrics."""
+def train_teacher(config: Path, out_dir: Path, *, progress: bool = True, name: str | None = None) -> dict[str, Any]:
+    """Train the teacher of a LightningCLI ``fit`` config into ``out_dir/<name>.safetensors`` (``name`` defaults to
+    the config's file name), unless weights of that same config are there already (a damaged file is said and
+    trained again). Returns its facts: the config's hash, the training time and the final validation metrics."""
     from safetensors import safe_open
     from safetensors.torch import save_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights, facts_file = out_dir / f"{config.stem}.safetensors", out_dir / f"{config.stem}.json"
+    name = name or config.stem
+    weights, facts_file = out_dir / f"{name}.safetensors", out_dir / f"{name}.json"
     digest = hashlib.sha256(config.read_bytes()).hexdigest()
     if weights.exists() and facts_file.exists():
         try:
@@ -107,19 +136,19 @@ def train_teacher(config: Path, out_dir: Path, *, progress: bool = True) -> dict
             with safe_open(weights, "pt") as f:  # reads the header; a truncated or foreign file fails here
                 list(f.keys())
             if facts.get("config_sha256") == digest:
-                print(f"teacher {config.stem}: reusing {weights} (trained in {facts['train_s']:.0f} s)", flush=True)
+                print(f"teacher {name}: reusing {weights} (trained in {facts['train_s']:.0f} s)", flush=True)
                 return facts
-            print(f"teacher {config.stem}: {config} changed since {weights} was trained; training again", flush=True)
+            print(f"teacher {name}: {config} changed since {weights} was trained; training again", flush=True)
         except Exception as err:  # noqa: BLE001 - json and safetensors raise several types for a damaged file
-            warnings.warn(f"teacher {config.stem}: {weights} or {facts_file} is unreadable ({err}); training again",
+            warnings.warn(f"teacher {name}: {weights} or {facts_file} is unreadable ({err}); training again",
                           stacklevel=2)  # fmt: skip
-    print(f"teacher {config.stem}: training (tnlit fit --config {config})", flush=True)
+    print(f"teacher {name}: training (tnlit fit --config {config})", flush=True)
     started = time.perf_counter()
     with warnings.catch_warnings():
         # It warns that sys.argv (tnlit quickstart ...) is not what it parses: that is the point here.
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
         cli = lightning_cli(
-            ["fit", "--config", str(config), f"--trainer.default_root_dir={out_dir / config.stem}",
+            ["fit", "--config", str(config), f"--trainer.default_root_dir={out_dir / name}",
              f"--trainer.enable_progress_bar={str(progress).lower()}"]
         )  # fmt: skip
     train_s = time.perf_counter() - started
@@ -128,7 +157,7 @@ def train_teacher(config: Path, out_dir: Path, *, progress: bool = True) -> dict
         save_model(cli.model.model, str(tmp))
     facts = {"config": str(config), "config_sha256": digest, "train_s": round(train_s, 1), "val_metrics": metrics}
     atomic_text(facts_file, json.dumps(facts, indent=2) + "\n")
-    print(f"teacher {config.stem}: {metrics} after {train_s:.0f} s -> {weights}", flush=True)
+    print(f"teacher {name}: {metrics} after {train_s:.0f} s -> {weights}", flush=True)
     return facts
 
 
