@@ -135,7 +135,7 @@ class Run:
         """The same run as a rank of a job sees it: its own directory and state (resumed), results to this one's."""
         state_file = rank_dir / "state.json"
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
-        return replace(self, dir=rank_dir, state=state, shared=self.root, trainer=dict(self.trainer), **changes)
+        return replace(self, **{"dir": rank_dir, "state": state, "shared": self.root, **changes})
 
 
 def factor_state(module: nn.Module) -> dict[str, torch.Tensor]:
