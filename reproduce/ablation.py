@@ -32,6 +32,7 @@ import yaml
 
 from tnlit.atomic import atomic_csv, atomic_png, atomic_text
 from tnlit.commands.quickstart import result_row, train_teacher
+from tnlit.markdown import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 # The quickstart teachers' fit configs, by the name of their weights file (configs/quickstart.yaml lists them).
@@ -285,14 +286,14 @@ def _markdown(rows: list[dict[str, Any]], name: str, total_s: float) -> str:
         "start: the metric before training (after the activation-aware fit, when there is one); times are "
         "optimisation seconds, the fit's included.",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
     ]
+    body = []
     for r in rows:
         cells = [r["variant"], r["what"], f"{r['compression_rate']:.3f}", r["init_metric"], r["init_fit_s"],
                  r["final_metric"], r["best_metric"], r["time_to_best_s"], r["optimisation_s"]]  # fmt: skip
         cells += [r.get(f"ratio_{s}", "") for s in sources] + ([r.get("worst_ratio", "")] if sources else [])
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        body.append(cells)
+    lines += markdown_table(head, body)
     return "\n".join(lines) + "\n"
 
 

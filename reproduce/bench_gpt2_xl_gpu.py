@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tnlit import Rule, TensorizePlan, tensorize
 from tnlit.activations.capture import capture
 from tnlit.atomic import atomic_csv, atomic_text
+from tnlit.markdown import markdown_table
 from tnlit.methods.common import factor_parameters
 from tnlit.provenance import write_provenance
 from tnlit.slices import SliceModule, make_slices
@@ -167,9 +168,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "", f"Written by reproduce/bench_gpt2_xl_gpu.py on {device}; implied minutes are for the paper's "
              f"{PAPER_TOKENS / 1e6:.1f}M tokens (serial: {n} slices one after another; stream: one pass). The "
              f"paper: about {PAPER_SLICE_TOKENS_S // 1000}k tokens/s per slice, {PAPER_SERIAL_MIN} min serially, "
-             f"{PAPER_48GPU_MIN} min on 48 GPUs.", "",
-             "| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]  # fmt: skip
-    lines += ["| " + " | ".join(str(r.get(f, "")) for f in FIELDS) + " |" for r in rows]
+             f"{PAPER_48GPU_MIN} min on 48 GPUs.", ""]  # fmt: skip
+    lines += markdown_table(FIELDS, ([r.get(f, "") for f in FIELDS] for r in rows))
     atomic_text(out / "bench_gpt2_xl_gpu.md", "\n".join(lines) + "\n")
     write_provenance(
         out / "bench_gpt2_xl_gpu.provenance.json", {"argv": argv, "quick": args.quick, "steps": args.steps}

@@ -46,6 +46,7 @@ from torch import nn
 from tnlit.atomic import atomic_text
 from tnlit.formats.ranks import balanced_factors, lowrank_rank_for_cr, mpo_bond_dims, tucker2_ranks
 from tnlit.layers import LowRankLinear, MPOLinear, TensorizedLayer, TuckerConv2d
+from tnlit.markdown import markdown_table
 from tnlit.provenance import write_provenance
 
 with warnings.catch_warnings():
@@ -580,10 +581,8 @@ def markdown_text(rows: Sequence[dict[str, Any]], args: argparse.Namespace, elap
         f"`–` is a measurement not taken (column `skipped`): a strategy modelled at over {args.skip_ratio:g}x the "
         "other's FLOPs, left out of `best`.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
     ]
-    body = ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    body = markdown_table(COLUMNS, ([fmt(r[c]) for c in COLUMNS] for r in rows))
     return "\n".join(head + body) + "\n\n" + targets_markdown(rows)
 
 

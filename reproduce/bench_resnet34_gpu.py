@@ -34,6 +34,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, Dataset
 
 from tnlit.atomic import atomic_csv, atomic_text
+from tnlit.markdown import markdown_table
 from tnlit.methods.global_finetune import GlobalFinetune
 from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.models.resnet import cifar_resnet34
@@ -173,12 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Device: {facts['device']}; precision {args.precision or 'float32'}; width {args.width}; median of "
         f"{args.steps} steps after {args.warmup}. Written by `python reproduce/bench_resnet34_gpu.py"
         f"{' --quick' if args.quick else ''}`." + (" QUICK CHECK: not a benchmark." if args.quick else ""), "",
-        "| phase | batch | CR | images/s | ms/step |", "|---|---|---|---|---|",
-        *[f"| {r['phase']} | {r['batch']} | {r['cr']} | {r['images_per_s']} | {r['step_ms']} |" for r in throughput],
+        *markdown_table(("phase", "batch", "CR", "images/s", "ms/step"),
+                        ([r["phase"], r["batch"], r["cr"], r["images_per_s"], r["step_ms"]] for r in throughput)),
         "", "Implied optimisation time of each row (epochs x images / images/s; evaluation excluded):", "",
-        "| config | epochs | implied (min) | per epoch (min) | paper (min, A10G) |", "|---|---|---|---|---|",
-        *[f"| {r['config']} | {r['epochs']} | {r['implied_min']} | {r['per_epoch_min']} | "
-          f"{r['paper_time_min'] or '-'} |" for r in implied],
+        *markdown_table(("config", "epochs", "implied (min)", "per epoch (min)", "paper (min, A10G)"),
+                        ([r["config"], r["epochs"], r["implied_min"], r["per_epoch_min"], r["paper_time_min"]]
+                         for r in implied), empty="-"),
     ]  # fmt: skip
     atomic_text(out / "bench_resnet34_gpu.md", "\n".join(md) + "\n")
     write_provenance(out / "bench_resnet34_gpu.provenance.json",

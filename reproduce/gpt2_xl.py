@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from tnlit.atomic import atomic_csv, atomic_text
+from tnlit.markdown import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "reproduce" / "paper_gpt2_xl.csv"
@@ -187,15 +188,13 @@ def tables(
 
     lines = ["# GPT-2 XL, MLPs as two-site MPOs at per-matrix CR 0.48 (whole-model CR 0.30)", "",
              "Written by reproduce/gpt2_xl.py. Ours beside the paper's (`paper_*`, PAPER.md section 1). LAMBADA "
-             "accuracy in %; empty cells: not run.", "",
-             "| benchmark | metric | dense | slice-wise | global | paper dense | paper slice-wise | paper global |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    lines += ["| " + " | ".join(str(r.get(f, "")) for f in fields) + " |" for r in rows]
+             "accuracy in %; empty cells: not run.", ""]  # fmt: skip
+    lines += markdown_table(("benchmark", "metric", "dense", "slice-wise", "global", "paper dense", "paper slice-wise",
+                             "paper global"), ([r.get(f, "") for f in fields] for r in rows))  # fmt: skip
     lines += ["", "## Optimisation time (minutes: forward + backward + step, as the paper counts)", "",
               "The paper's distributed run used 48 GPUs (one slice each); ours uses the GPUs in the `gpus` column. "
-              "`slowest_rank_min` is the job's time (its slowest rank's); `optimisation_min` sums every rank.", "",
-              "| " + " | ".join(TIME_FIELDS) + " |", "|" + "---|" * len(TIME_FIELDS)]  # fmt: skip
-    lines += ["| " + " | ".join(str(r.get(f, "")) for f in TIME_FIELDS) + " |" for r in times]
+              "`slowest_rank_min` is the job's time (its slowest rank's); `optimisation_min` sums every rank.", ""]
+    lines += markdown_table(TIME_FIELDS, ([r.get(f, "") for f in TIME_FIELDS] for r in times))
     markdown = "\n".join(lines) + "\n"
     atomic_text(results / "gpt2_xl.md", markdown)
     return markdown

@@ -38,6 +38,7 @@ import yaml
 
 from tnlit.atomic import atomic_csv, atomic_png, atomic_text
 from tnlit.commands.quickstart import result_row, train_teacher
+from tnlit.markdown import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "reproduce" / "paper_resnet34_cifar.csv"
@@ -249,17 +250,12 @@ def markdown(rows: list[dict[str, Any]], note: str) -> str:
         teacher = next((r["teacher_top1"] for r in group if r.get("teacher_top1") is not None), "-")
         lines += [
             f"## {dataset} (teacher top-1: ours {teacher}, paper {paper[f'{dataset}/teacher']['paper_top1']})", "",
-            "| CR | method | train images | CR (model) | top-1 start | top-1 final | top-1 best | paper top-1 "
-            "| to best (min) | optimisation (min) | paper time (min) | status |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         cells = ("cr", "method", "train_images", "compression_rate", "init_top1", "final_top1", "best_top1",
                  "paper_top1", "time_to_best_min", "optimisation_min", "paper_time_min", "status")  # fmt: skip
-        for r in group:
-            lines.append(
-                "| " + " | ".join(str(r.get(c, "")) if r.get(c) not in (None, "") else "-" for c in cells) + " |"
-            )
-        lines.append("")
+        header = ("CR", "method", "train images", "CR (model)", "top-1 start", "top-1 final", "top-1 best",
+                  "paper top-1", "to best (min)", "optimisation (min)", "paper time (min)", "status")  # fmt: skip
+        lines += [*markdown_table(header, ([r.get(c) for c in cells] for r in group), empty="-"), ""]
     return "\n".join(lines)
 
 

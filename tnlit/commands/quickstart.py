@@ -25,6 +25,7 @@ from typing import Any
 from tnlit.atomic import atomic_csv, atomic_path, atomic_png, atomic_text
 from tnlit.commands.compress import compress
 from tnlit.commands.parsing import call_command, lightning_cli
+from tnlit.markdown import markdown_table
 
 __all__ = ["quickstart", "result_row", "shipped_configs", "train_teacher"]
 
@@ -221,17 +222,17 @@ def _markdown(rows: list[dict[str, Any]], teachers: dict[str, Any], total_s: flo
     ]
     for teacher in dict.fromkeys(r["teacher"] for r in rows):
         group = [r for r in rows if r["teacher"] == teacher]
+        cells = ("cr_rule", "compression_rate", "method", "init_metric", "final_metric", "best_metric",
+                 "time_to_best_s", "optimisation_s", "wall_s")  # fmt: skip
         lines += [
             "",
             f"## {teacher} ({_METRICS_LABEL[group[0]['metric']]}; teacher {group[0]['teacher_metric']})",
             "",
-            "| CR (rule) | CR (model) | method | start | final | best | to best (s) | optimisation (s) | wall (s) |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in group:
-            cells = ("cr_rule", "compression_rate", "method", "init_metric", "final_metric", "best_metric",
-                     "time_to_best_s", "optimisation_s", "wall_s")  # fmt: skip
-            lines.append("| " + " | ".join(str(r[c]) for c in cells) + " |")
+            *markdown_table(
+                ("CR (rule)", "CR (model)", "method", "start", "final", "best", "to best (s)", "optimisation (s)",
+                 "wall (s)"), ([r[c] for c in cells] for r in group),
+            ),
+        ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
