@@ -1,4 +1,7 @@
-"""Test settings: offline, quiet, deterministic. Set before anything imports transformers or wandb."""
+"""Test settings: offline, quiet, deterministic. Set before anything imports transformers or wandb.
+
+Test files are named after the module they test (test_store: tnlit.activations.store, test_recipe: compress in
+tnlit.pipeline.recipe, test_phases: its init phase, ...)."""
 
 import os
 

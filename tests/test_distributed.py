@@ -20,7 +20,7 @@ CHILD = """
 import os, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from test_pipeline import PLAN, TokenData
+from test_recipe import PLAN, TokenData
 from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.pipeline import FinetuneSettings, SliceSettings, compress
 
@@ -60,7 +60,7 @@ def test_partition_is_consecutive_and_balanced_by_size():
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 def test_torchrun_two_ranks_train_the_slices_of_a_one_process_run(tmp_path):
-    from test_pipeline import run
+    from test_recipe import run
 
     run(tmp_path / "one", slicewise=SliceSettings(mode="stream", epochs=2, lr=1e-2))
     job = torchrun(tmp_path, tmp_path / "job", "stream")
@@ -83,7 +83,7 @@ def test_torchrun_two_ranks_train_the_slices_of_a_one_process_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 def test_torchrun_resumes_per_slice(tmp_path):
-    from test_pipeline import run
+    from test_recipe import run
 
     run(tmp_path / "one", slicewise=SliceSettings(mode="serial", epochs=2, lr=1e-2))
     job = torchrun(tmp_path, tmp_path / "job", "serial")
