@@ -1,6 +1,7 @@
 """compress(): the run directory, resuming after a crash, refusing another config, damaged checkpoints."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -174,9 +175,15 @@ def test_wandb_offline_logs_every_phase_and_resumes_with_the_run_dir(tmp_path, m
 
     state = run(tmp_path / "run", log=LogSettings(wandb=True))
     assert state["done"] and state["wandb_id"] == run_id
-    runs, log = wandb_records(tmp_path / "wandb", run_id)
+    keys = ("slice:transformer.h.0.mlp-train/mse", "slice:transformer.h.1.mlp-train/mse", "final_metric")
+    # W&B's service process writes the transaction log after finish() returns: on a busy machine, seconds later.
+    for _ in range(60):
+        runs, log = wandb_records(tmp_path / "wandb", run_id)
+        if all(key.encode() in log for key in keys):
+            break
+        time.sleep(0.5)
     assert len(runs) == 2, "the rerun resumed the W&B run of the run directory (same id)"
-    for key in ("slice:transformer.h.0.mlp-train/mse", "slice:transformer.h.1.mlp-train/mse", "final_metric"):
+    for key in keys:
         assert key.encode() in log, key
 
     # Logging is not part of the run's config: without W&B, the finished run only reports.
