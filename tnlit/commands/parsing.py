@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+from tnlit.pipeline.callbacks import quiet_lightning
+
 if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningCLI
 
@@ -42,6 +44,7 @@ def lightning_cli(argv: list[str] | None) -> LightningCLI:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
+    quiet_lightning()
     return LightningCLI(
         LightningModule,
         LightningDataModule,
