@@ -372,8 +372,8 @@ def read_state(path: Path) -> dict[str, Any]:
         problem = f"unreadable ({err})"
     if problem is None:
         return state
-    warnings.warn(f"{path} is {problem}; set aside as {path.name}.corrupt: the run's record starts afresh (finished "
-                  "pieces are kept, metrics measured again)", stacklevel=2)  # fmt: skip
+    warnings.warn(f"{path} cannot be trusted: {problem}; set aside as {path.name}.corrupt: the run's record starts "
+                  "afresh (finished pieces are kept, metrics measured again)", stacklevel=2)  # fmt: skip
     path.replace(path.with_name(path.name + ".corrupt"))
     return {}
 
