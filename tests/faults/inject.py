@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -120,7 +121,7 @@ def faults(tmp: Path) -> list[tuple[str, str]]:
     rows += teacher_faults(tmp)
     rows += bad_inputs(tmp)
     rows += class_path(tmp, sound)
-    rows += [sigterm(tmp), concurrent(tmp)]
+    rows += [*sigterm(tmp), concurrent(tmp)]
     return rows
 
 
@@ -179,8 +180,10 @@ def class_path(tmp: Path, sound: Path) -> list[tuple[str, str]]:
              f"exit {code}: {message[:200]}; command ran: {(tmp / 'pwned').exists()}")]  # fmt: skip
 
 
-def sigterm(tmp: Path) -> tuple[str, str]:
-    cfg = config(tmp / "long.yaml", ft_epochs=200)
+def sigterm(tmp: Path) -> list[tuple[str, str]]:
+    """SIGTERM in the global phase, then: the rerun resumes to the uninterrupted run's student; with the epoch
+    checkpoint flipped, the phase starts again, to the same student."""
+    cfg = config(tmp / "long.yaml", ft_epochs=40)
     run_dir, log = tmp / "sigterm", tmp / "sigterm.log"
     proc = child(cfg, run_dir, log)
     deadline = time.monotonic() + 300
@@ -190,21 +193,35 @@ def sigterm(tmp: Path) -> tuple[str, str]:
     code = proc.wait(timeout=120)
     state = json.loads((run_dir / "state.json").read_text())
     said = [line for line in log.read_text().splitlines() if "stopped on" in line]
-    return ("kill -TERM during global finetuning", f"exit {code}; done in state.json: {bool(state.get('done'))}; "
-            f"{said[0][:200] if said else 'no message'}")  # fmt: skip
+    rows = [("kill -TERM during global finetuning", f"exit {code}; done in state.json: {bool(state.get('done'))}; "
+             f"{said[0][:200] if said else 'no message'}")]  # fmt: skip
+    shutil.copytree(run_dir, tmp / "sigterm_flipped")
+    tnlit("compress", "--config", str(cfg), "--run_dir", str(tmp / "uninterrupted"))
+    code, _ = tnlit("compress", "--config", str(cfg), "--run_dir", str(run_dir))
+    rows.append(("... then the same command again", f"exit {code}; {student_equal(run_dir, tmp / 'uninterrupted')}"
+                 " of an uninterrupted run"))  # fmt: skip
+    flip(tmp / "sigterm_flipped" / "ckpt" / "global" / "last.ckpt")
+    code, message = tnlit("compress", "--config", str(cfg), "--run_dir", str(tmp / "sigterm_flipped"))
+    rows.append(("flip 10 bytes of ckpt/global/last.ckpt of that stopped run, then rerun", f"exit {code}: "
+                 f"{message[:200]}; {student_equal(tmp / 'sigterm_flipped', tmp / 'uninterrupted')} of an "
+                 "uninterrupted run"))  # fmt: skip
+    return rows
 
 
 def concurrent(tmp: Path) -> tuple[str, str]:
-    cfg = config(tmp / "twice.yaml")
+    cfg = config(tmp / "twice.yaml", ft_epochs=100_000)
     run_dir = tmp / "twice"
     first = child(cfg, run_dir, tmp / "first.log")
     while not (run_dir / ".lock").exists() and first.poll() is None:
         time.sleep(0.01)
     second = child(cfg, run_dir, tmp / "second.log")
-    codes = second.wait(timeout=300), first.wait(timeout=300)
+    code = second.wait(timeout=300)
+    running = first.poll() is None
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=120)
     said = [line for line in (tmp / "second.log").read_text().splitlines() if "in use by" in line]
-    return ("two identical tnlit compress on one run_dir", f"second exit {codes[0]}: {said[0][:200] if said else '?'}"
-            f"; first exit {codes[1]}")  # fmt: skip
+    return ("two identical tnlit compress on one run_dir", f"second exit {code}: {said[0][:200] if said else '?'}"
+            f"; the first still running then: {running}")  # fmt: skip
 
 
 def write(rows: list[tuple[str, str]], results: Path) -> None:
@@ -212,6 +229,7 @@ def write(rows: list[tuple[str, str]], results: Path) -> None:
              "Written by `python tests/faults/inject.py`: each fault on a tiny run (tiny-gpt2, made tokens, MPO at CR "
              "0.5, hybrid), then the same `tnlit compress` command again.", "", "| fault | outcome |", "|---|---|"]
     lines += [f"| {fault} | {outcome.replace('|', '/')} |" for fault, outcome in rows]
+    lines = [re.sub(r"/tmp/tmp[\w]+/", "<tmp>/", line) for line in lines]
     results.mkdir(parents=True, exist_ok=True)
     (results / "faults.md").write_text("\n".join(lines) + "\n")
     write_provenance(results / "faults.provenance.json", {"script": "tests/faults/inject.py",
