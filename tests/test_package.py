@@ -12,7 +12,7 @@ PACKAGE = ROOT / "tnlit"
 
 # The stages of the data flow, lowest first (docs/design.md): a module may import from its own stage or a lower one.
 STAGES = [
-    {"tnlit.types", "tnlit.atomic", "tnlit.provenance", "tnlit.markdown"},
+    {"tnlit.types", "tnlit.atomic", "tnlit.checksums", "tnlit.markdown", "tnlit.provenance"},
     {"tnlit.formats"},
     {"tnlit.layers"},
     {"tnlit.tensorize"},

@@ -7,6 +7,7 @@ and ``--print_config``, and ``--help`` shows every option with its documentation
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     except (TensorizeError, ValueError, RunDirError, FileNotFoundError) as err:
         # A bad plan or model name is the user's to fix: say what, without a traceback.
         parser.exit(2, f"tnlit {name}: error: {err}\n")
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        # A full disk (or quota) or a read-only file system: what was written atomically stays sound; rerun resumes.
+        parser.exit(1, f"tnlit {name}: error: cannot write {err.filename or ''} ({err.strerror}): free some space "
+                       "(or make it writable) and rerun the same command; it resumes\n")  # fmt: skip
     if name == "compress":
         print_result(result)
 

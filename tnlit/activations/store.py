@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from tnlit.activations.capture import batch_input, capture
 from tnlit.atomic import atomic_path, atomic_text
+from tnlit.checksums import file_sha256
 from tnlit.slices import Slice
 from tnlit.types import StorageDtype
 
@@ -92,14 +93,6 @@ def data_fingerprint(data: LightningDataModule, seed: int) -> dict[str, Any]:
     cls = type(data)
     value = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(data.hparams), "seed": seed}
     return json.loads(json.dumps(value, default=str))
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -205,6 +198,10 @@ def open_store(
             shards[i] = None
     for problem, files in bad.items():
         warnings.warn(f"activation store {root}: shard(s) {_listing(files)} {problem}; recomputing them", stacklevel=2)
+    if manifest is not None and manifest.get("complete") is not True:
+        done = sum(entry is not None for entry in shards)
+        warnings.warn(f"activation store {root}: its build was interrupted ({done} shards kept); completing it",
+                      stacklevel=2)  # fmt: skip
     sound = manifest is not None and manifest.get("complete") is True and all(shards)
     if sound and not check_inputs:
         built = 0
@@ -220,7 +217,7 @@ def _shard_problem(root: Path, entry: dict[str, Any]) -> str | None:
     path = root / entry["file"]
     if not path.is_file():
         return "missing"
-    if _file_sha256(path) != entry["sha256"]:
+    if file_sha256(path) != entry["sha256"]:
         return "damaged (bytes differ from the manifest's checksum: corrupt or truncated)"
     return None
 

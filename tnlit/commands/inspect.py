@@ -8,7 +8,6 @@ straight from the decompositions, as ``tnlit report`` makes them).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -29,8 +28,10 @@ from tnlit.analysis.bonds import (
 )
 from tnlit.analysis.compressibility import DEFAULT_CRS, compressibility_map
 from tnlit.atomic import atomic_csv
+from tnlit.checksums import verified_problem
 from tnlit.formats.ranks import check_cr
 from tnlit.models import load_model, load_teacher
+from tnlit.pipeline.run_dir import RunDirError, datamodule_from_config, read_run_config
 from tnlit.provenance import write_provenance
 from tnlit.tensorize import TensorizePlan, budget_plan, layer_curves, tensorize
 from tnlit.types import Decode
@@ -60,7 +61,9 @@ def load_run(run_dir: Path) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
             f"{run_dir} has no student.safetensors: its run has not finished; rerun the same tnlit compress command "
             "to finish it (it resumes), then inspect it"
         )
-    config = json.loads(config_file.read_text())
+    config = read_run_config(run_dir)
+    if (problem := verified_problem(student_file)) is not None:
+        raise RunDirError(f"{student_file} is {problem}: rerun the run's tnlit compress command to write it again")
     # Seeded as compress seeds it, so that a teacher without weights file is the run's own initialisation.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.get("seed", 0))
@@ -70,15 +73,9 @@ def load_run(run_dir: Path) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
         load_model(student, str(student_file), strict=True)
     except RuntimeError as err:
         raise ValueError(f"{student_file} does not fit the student its config.json describes: {err}") from err
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a truncated file
+        raise RunDirError(f"{student_file} is unreadable ({err}): rerun the run's tnlit compress command") from err
     return teacher, student.eval(), config
-
-
-def _datamodule(spec: dict[str, Any]) -> LightningDataModule:
-    """The run's DataModule from its config's ``class_path`` and ``init_args``."""
-    import importlib
-
-    module, _, name = spec["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
 
 
 def _decoder(decode: str, data: LightningDataModule) -> Any:
@@ -110,6 +107,7 @@ def inspect(
     batches: int = 1,
     data: LightningDataModule | None = None,
     decode: Decode = "auto",
+    trust_run_dir: bool = False,
 ) -> dict[str, Any]:
     """Inspect the bonds of a compressed model: spectra, entropies, compressibility map, budgeted plan, activations.
 
@@ -142,6 +140,9 @@ def inspect(
         data: The DataModule whose test batches feed the activations; default: the run's own (from config.json).
         decode: How to show text tokens: auto (the DataModule's decode method if it has one, else ids), ids, or
             bytes (byte-level models such as tiny-gpt2-bytes).
+        trust_run_dir: Let the run directory's config.json name a DataModule class outside tnlit (imported and
+            called with its init_args). Off: only tnlit's own (or registered) classes are built from a run directory,
+            which may come from anyone; give data to use another.
     """
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in ("data", "plan")}
     _check_options(run_dir, model, plan, crs, budget_cr, top_k, batches)
@@ -155,7 +156,7 @@ def inspect(
         files += _maps(teacher, plan, out_dir, name, crs if compressibility else None, budget_cr, budget_max_error,
                        result)  # fmt: skip
     if layer is not None:
-        data = data if data is not None else _datamodule(config["data"])
+        data = data if data is not None else datamodule_from_config(config["data"], trust=trust_run_dir)
         files.append(_top(student, data, (layer, bond, direction), top_k, batches, decode, out_dir / name, result))
     prov = out_dir / f"{name}_inspect.provenance.json"
     write_provenance(prov, {"options": options, "plan": asdict(plan), "run_config": config,

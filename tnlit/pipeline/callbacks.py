@@ -12,12 +12,15 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch import nn
 
+from tnlit.atomic import atomic_text
+from tnlit.checksums import file_sha256, sidecar
 from tnlit.pipeline.settings import LogSettings
 
-__all__ = ["EpochEvaluation", "Loggers", "OptimisationTimer", "quiet_lightning"]
+__all__ = ["EpochEvaluation", "Loggers", "OptimisationTimer", "VerifiedCheckpoint", "quiet_lightning"]
 
 
 class _NoAdvert(logging.Filter):
@@ -62,6 +65,18 @@ class OptimisationTimer(Callback):
     def _sync(trainer: Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)
+
+
+class VerifiedCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with each checkpoint's checksum recorded beside it (``<file>.sha256``, as
+    :mod:`tnlit.checksums` reads it): the old checksum goes before the new file is written, the new one after."""
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        if trainer.is_global_zero:
+            sidecar(filepath).unlink(missing_ok=True)
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            atomic_text(sidecar(filepath), file_sha256(filepath) + "\n")
 
 
 class EpochEvaluation(Callback):

@@ -7,19 +7,20 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from tnlit.activations import ActivationDataModule, ActivationStore, activation_init_, input_covariances, open_store
+from tnlit.checksums import verified_problem
 from tnlit.methods.global_finetune import GlobalFinetune
 from tnlit.methods.slice_distill import SliceDistillation
-from tnlit.pipeline.callbacks import EpochEvaluation, OptimisationTimer
-from tnlit.pipeline.run_dir import Run, factor_state, load_factors, save_factors
+from tnlit.pipeline.callbacks import EpochEvaluation, OptimisationTimer, VerifiedCheckpoint
+from tnlit.pipeline.lock import hold
+from tnlit.pipeline.run_dir import Run, factor_state, load_factors, save_factors, usable
 from tnlit.pipeline.settings import FinetuneSettings, InitSettings, SliceSettings, uses_store
 from tnlit.slices import Slice, tensorized_names
 from tnlit.types import Task
@@ -60,7 +61,7 @@ def initialise(model: nn.Module, student: nn.Module, data: LightningDataModule, 
     if init.method == "svd" or run.state.get("done"):  # a finished run's student holds the trained factors
         return
     done = run.root / "init.safetensors"
-    if done.exists():
+    if done.exists() and usable(done):
         try:
             load_factors(student, done)
             return
@@ -118,10 +119,12 @@ def _activation_store(
     # The teacher runs as it would inside a mixed-precision training step.
     autocast = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(run.precision).split("-")[0])
     started = time.perf_counter()
-    store = open_store(
-        settings.cache_dir or run.dir / "cache", model, data, slices, seed=run.seed, dtype=settings.cache_dtype,
-        device=run.device, autocast=autocast, progress=run.progress,
-    )  # fmt: skip
+    shared = hold(settings.cache_dir, "activation store") if settings.cache_dir is not None else nullcontext()
+    with shared:  # a shared store: one process builds it at a time
+        store = open_store(
+            settings.cache_dir or run.dir / "cache", model, data, slices, seed=run.seed, dtype=settings.cache_dtype,
+            device=run.device, autocast=autocast, progress=run.progress,
+        )  # fmt: skip
     times = run.state.setdefault("times", {}).setdefault("cache", {"optimisation_s": 0.0, "wall_s": 0.0,
                                                                     "shards_built": 0})  # fmt: skip
     times["wall_s"] += time.perf_counter() - started
@@ -135,7 +138,7 @@ def global_phase(
 ) -> None:
     """Global finetuning of the student's factors, or its earlier result (``global.safetensors``) loaded."""
     done = run.root / "global.safetensors"
-    if done.exists():
+    if done.exists() and usable(done):
         load_factors(student, done)
         return
     module = GlobalFinetune(
@@ -162,9 +165,9 @@ def _batch_size(data: LightningDataModule, size: int | None) -> Iterator[None]:
         data.batch_size = before
 
 
-def _epoch_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
-    """``last.ckpt``, replaced at the end of every epoch (Lightning writes it atomically)."""
-    return ModelCheckpoint(
+def _epoch_checkpoint(ckpt_dir: Path) -> VerifiedCheckpoint:
+    """``last.ckpt``, replaced at the end of every epoch (Lightning writes it atomically), with its checksum."""
+    return VerifiedCheckpoint(
         dirpath=ckpt_dir, filename="last", save_top_k=1, monitor=None, save_on_train_epoch_end=True,
         enable_version_counter=False,
     )  # fmt: skip
@@ -175,11 +178,14 @@ def _usable_checkpoint(path: Path) -> Path | None:
     if not path.exists():
         return None
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        problem = verified_problem(path)
+        if problem is None:
+            torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a truncated or corrupt file raises many types
-        warnings.warn(
-            f"checkpoint {path} is unreadable ({err}); this phase starts again from its beginning", stacklevel=2
-        )
-        path.rename(path.with_name(path.name + ".corrupt"))
-        return None
-    return path
+        problem = f"unreadable ({err})"
+    if problem is None:
+        return path
+    warnings.warn(f"checkpoint {path} is {problem}; set aside as {path.name}.corrupt: this phase starts again from "
+                  "its beginning", stacklevel=2)  # fmt: skip
+    path.rename(path.with_name(path.name + ".corrupt"))
+    return None

@@ -11,22 +11,27 @@ and rank 0 assembles the student: see :mod:`tnlit.pipeline.parallel` and :mod:`t
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule, seed_everything
-from safetensors.torch import save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from tnlit import distributed
-from tnlit.atomic import atomic_path
+from tnlit.checksums import written_verified
 from tnlit.evaluate import evaluate_task
 from tnlit.models import load_teacher
 from tnlit.pipeline.callbacks import Loggers, quiet_lightning
+from tnlit.pipeline.checks import check_data, check_teacher
+from tnlit.pipeline.lock import hold
 from tnlit.pipeline.parallel import rank_worker, train_share
 from tnlit.pipeline.phases import global_phase, initialise, train_slices
-from tnlit.pipeline.run_dir import Run, open_run_dir, plain, refuse_another
+from tnlit.pipeline.run_dir import Run, open_run_dir, plain, read_state, refuse_another, run_inputs, usable
 from tnlit.pipeline.settings import FinetuneSettings, InitSettings, LogSettings, SliceSettings, check_settings
+from tnlit.pipeline.signals import stop_on_signals
 from tnlit.slices import Slice, make_slices
 from tnlit.tensorize import CompressionReport, TensorizePlan, tensorize
 from tnlit.types import Method, Task
@@ -88,37 +93,63 @@ def compress(
     ranks, config = distributed.current(), plain(args)
     check_settings(method, slicewise, finetune, init, data, eval_each_epoch, distributed_job=ranks is not None)
     refuse_another(Path(run_dir), config, overwrite, compress)  # in seconds, before the teacher loads
-    quiet_lightning()
-    seed_everything(seed, workers=True, verbose=False)
+    run = Run(Path(run_dir), accelerator=accelerator, precision=precision, progress=progress, seed=seed)
+    with ExitStack() as held:
+        held.enter_context(stop_on_signals(run.dir, "the same tnlit compress command"))
+        if ranks is None or ranks.main:  # one lock a job: its rank 0's
+            held.enter_context(hold(run.dir))
+        quiet_lightning()
+        seed_everything(seed, workers=True, verbose=False)
+        model, student, report, slices = _load(teacher, teacher_weights, data, plan, slicewise, method)
+        if ranks is not None and not ranks.main:
+            return rank_worker(ranks, model, student, data, slices, run, config, slicewise, finetune)
+        run.state = open_run_dir(run.dir, config, overwrite, compress,
+                                 lambda previous: run_inputs(model, teacher_weights, data, previous))  # fmt: skip
+        _prepare(run, model, student, report, data, init, config, log)
+        if eval_each_epoch:
+            run.evaluate = lambda student: evaluate_task(student, data, task, run.device)
+        if ranks is not None:
+            ranks.announce("run_dir")  # the other ranks may now prepare their data and train
+        _recover(run, model, student, data, task, method, slices, slicewise, finetune)
+        return _finish(run, student, method)
+
+
+def _load(
+    teacher: str, teacher_weights: Path | None, data: LightningDataModule, plan: TensorizePlan,
+    slicewise: SliceSettings, method: Method,
+) -> tuple[nn.Module, nn.Module, CompressionReport, list[Slice]]:  # fmt: skip
+    """The teacher, checked with the data, tensorized, and sliced.
+
+    A plan, a granularity, a teacher or data that does not fit fails here, in seconds, and before the run directory
+    is claimed: a directory claimed by a config that cannot run would refuse the corrected one.
+    """
     model = load_teacher(teacher, teacher_weights).eval()
-    # A plan or a granularity that does not fit the model fails here, in seconds, and before the run directory
-    # is claimed: a directory claimed by a config that cannot run would refuse the corrected one.
+    check_teacher(model, teacher)
+    check_data(data, model)
     student, report = tensorize(model, plan)
     slices = make_slices(student, slicewise.granularity, slicewise.block_pattern) if method != "global" else []
-    run = Run(Path(run_dir), accelerator=accelerator, precision=precision, progress=progress, seed=seed)
-    if ranks is not None and not ranks.main:
-        return rank_worker(ranks, model, student, data, slices, run, config, slicewise, finetune)
-    run.state = open_run_dir(run.dir, config, overwrite, compress)
-    _prepare(run, model, student, report, data, init, config, log)
-    if eval_each_epoch:
-        run.evaluate = lambda student: evaluate_task(student, data, task, run.device)
-    if ranks is not None:
-        ranks.announce("run_dir")  # the other ranks may now prepare their data and train
-    _recover(run, model, student, data, task, method, slices, slicewise, finetune)
-    return _finish(run, student, method)
-
+    return model, student, report, slices
 
 def _prepare(
     run: Run, model: nn.Module, student: nn.Module, report: CompressionReport, data: LightningDataModule,
     init: InitSettings, config: dict[str, Any], log: LogSettings,
 ) -> None:  # fmt: skip
     """Write the report, set up the data, fit the start when asked, and open the loggers."""
+    if run.state.get("done") and (run.dir / "report.csv").exists():  # written when the run finished; read-only ok
+        return _prepare_data(run, model, student, data, init, config, log)
     report.to_csv(run.dir / "report.csv")
     report.to_json(run.dir / "report.json")
     if report.choices:
         report.choices_to_csv(run.dir / "choices.csv")
     run.state["compression"] = {"params_before": report.params_before, "params_after": report.params_after,
                                 "compression_rate": report.compression_rate}  # fmt: skip
+    _prepare_data(run, model, student, data, init, config, log)
+
+
+def _prepare_data(
+    run: Run, model: nn.Module, student: nn.Module, data: LightningDataModule, init: InitSettings,
+    config: dict[str, Any], log: LogSettings,
+) -> None:  # fmt: skip
     data.prepare_data()
     data.setup("fit")
     initialise(model, student, data, init, run)
@@ -152,11 +183,24 @@ def _recover(
 
 
 def _finish(run: Run, student: nn.Module, method: Method) -> dict[str, Any]:
-    """Write the student (``save_model``: one copy of tied weights, an LM's embedding and head) and mark it done."""
-    with atomic_path(run.dir / "student.safetensors") as tmp:
-        save_model(student, str(tmp))
+    """Write the student (``save_model``: one copy of tied weights, an LM's embedding and head) and mark it done.
+
+    A finished run whose (verified) student and state are what this call would write again writes nothing: it can
+    be reported from a read-only file system."""
+    path = run.dir / "student.safetensors"
+    unchanged = bool(run.state.get("done")) and usable(path) and _holds(path, student)
+    if not unchanged:
+        with written_verified(path) as tmp:
+            save_model(student, str(tmp))
     run.state["done"] = True
     run.state["final_metric"] = run.state["metrics"][method if method != "hybrid" else "global"]
-    run.save()
+    if not (unchanged and read_state(run.dir / "state.json") == run.state):
+        run.save()
     run.loggers.close()
     return run.state
+
+
+def _holds(path: Path, student: nn.Module) -> bool:
+    """Whether the safetensors file holds exactly the student's tensors."""
+    saved, mine = load_file(path), student.state_dict()
+    return all(k in mine and torch.equal(v, mine[k].detach().cpu()) for k, v in saved.items())

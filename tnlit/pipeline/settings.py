@@ -149,6 +149,15 @@ def _check_choices(prefix: str, settings: object) -> None:
             check_choice(f"{prefix}.{f.name}", getattr(settings, f.name), hints[f.name])
 
 
+def _check_counts(slicewise: SliceSettings, finetune: FinetuneSettings) -> None:
+    """Epochs and batch sizes are whole numbers >= 1 (a phase's, whether or not the method runs it)."""
+    counts = {"slicewise.epochs": slicewise.epochs, "finetune.epochs": finetune.epochs,
+              "finetune.batch_size": finetune.batch_size}  # fmt: skip
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
 def check_settings(
     method: Method, slicewise: SliceSettings, finetune: FinetuneSettings, init: InitSettings,
     data: LightningDataModule, eval_each_epoch: bool, *, distributed_job: bool,
@@ -157,6 +166,7 @@ def check_settings(
     check_choice("method", method, Method)
     for prefix, settings in (("slicewise", slicewise), ("finetune", finetune), ("init", init)):
         _check_choices(prefix, settings)
+    _check_counts(slicewise, finetune)
     if method != "global" and slicewise.inputs != "teacher" and uses_store(slicewise):
         raise ValueError(
             f"slicewise.inputs={slicewise.inputs} feeds each slice the output of the student's earlier slices, a live "
