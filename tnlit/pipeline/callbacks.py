@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch import nn
 
 from tnlit.pipeline.settings import LogSettings
 
-__all__ = ["EpochEvaluation", "Loggers", "OptimisationTimer", "quiet_lightning"]
+__all__ = ["EpochEvaluation", "Loggers", "OptimisationTimer", "PhaseProgressBar", "quiet_lightning"]
 
 
 class _NoAdvert(logging.Filter):
@@ -33,6 +34,19 @@ _NO_ADVERT = _NoAdvert()
 def quiet_lightning() -> None:
     """Drop Lightning's cloud-logger advert from its log (idempotent: one filter however often it is called)."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NO_ADVERT)
+
+
+class PhaseProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, named by the phase and slice it trains (``slice transformer.h.0.mlp epoch 1/2``)
+    instead of a bare ``Epoch 0`` that every phase of a run would show alike."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label.replace(":", " ", 1) if label.startswith("slice:") else label
+
+    def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"{self.label} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
 
 
 class OptimisationTimer(Callback):

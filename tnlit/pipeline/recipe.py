@@ -21,6 +21,7 @@ from torch import nn
 from tnlit import distributed
 from tnlit.atomic import atomic_path
 from tnlit.evaluate import evaluate_task
+from tnlit.export import save_architecture
 from tnlit.models import load_teacher
 from tnlit.pipeline.callbacks import Loggers, quiet_lightning
 from tnlit.pipeline.parallel import rank_worker, train_share
@@ -115,6 +116,7 @@ def _prepare(
     """Write the report, set up the data, fit the start when asked, and open the loggers."""
     report.to_csv(run.dir / "report.csv")
     report.to_json(run.dir / "report.json")
+    save_architecture(model, run.dir)  # the student then loads without the teacher (tnlit.load_student)
     if report.choices:
         report.choices_to_csv(run.dir / "choices.csv")
     run.state["compression"] = {"params_before": report.params_before, "params_after": report.params_after,
@@ -156,6 +158,7 @@ def _finish(run: Run, student: nn.Module, method: Method) -> dict[str, Any]:
     with atomic_path(run.dir / "student.safetensors") as tmp:
         save_model(student, str(tmp))
     run.state["done"] = True
+    run.state["student"] = str(run.dir / "student.safetensors")
     run.state["final_metric"] = run.state["metrics"][method if method != "hybrid" else "global"]
     run.save()
     run.loggers.close()
