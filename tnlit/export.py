@@ -234,6 +234,7 @@ def export_student(
     inference: dict[str, Any] | None = None,
     overwrite: bool = False,
     source: Path | None = None,
+    teacher: str | None = None,
 ) -> Path:
     """Write ``student`` (a model, or a run / export directory for :func:`load_student`) to the directory ``out``.
 
@@ -247,6 +248,8 @@ def export_student(
             Face export); None: ``{"cache": True}``.
         overwrite: Write into ``out`` even when it is not empty.
         source: The run directory ``student`` (a model) comes from, for its plan, report and teacher's tokenizer.
+        teacher: The teacher's model name (built-in, torchvision) that rebuilds the architecture of a model that is not
+            a Hugging Face causal LM; default: the run's.
     """
     if isinstance(student, (str, Path)):
         source, model = Path(student), load_student(student)
@@ -264,7 +267,10 @@ def export_student(
         _copy_tokenizer(tokenizer or run_config.get("teacher"), out)
     else:
         save_model(model, str(out / "model.safetensors"))
-        info = {"kind": "module", "teacher": run_config.get("teacher"), "layers": describe_layers(model)}
+        name = teacher or run_config.get("teacher")
+        if not isinstance(name, str):
+            raise ValueError("exporting a model that is not a Hugging Face causal LM needs its teacher's model name")
+        info = {"kind": "module", "teacher": name, "layers": describe_layers(model)}
         atomic_text(out / EXPORT_FILE, json.dumps(info, indent=2) + "\n")
     if source is not None:
         for name in ("report.json", "report.csv", "choices.csv"):
