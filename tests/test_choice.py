@@ -141,6 +141,7 @@ def test_auto_builds_the_chosen_layer_on_a_gpt2_and_writes_the_table(tmp_path):
     rows = list(csv.DictReader((tmp_path / "choices.csv").open()))
     assert list(rows[0]) == [
         "layer", "candidate", "format", "sites", "site_dims", "ranks", "params", "cr", "rel_error", "metric", "chosen",
+        "flops_ratio",
     ]  # fmt: skip
     assert len(rows) == len(report.choices) and {r["metric"] for r in rows} == {"weight"}
     assert sorted(r["layer"] for r in rows if r["chosen"] == "True") == sorted(r.name for r in report.layers)
@@ -295,3 +296,23 @@ def test_budget_needs_weights_and_refuses_auto():
         estimate(teacher, TensorizePlan(rules=[Rule(GPT2_LINEAR, "mpo")], budget=0.3))
     with pytest.raises(TensorizeError, match="plan budget cannot be combined with format 'auto'"):
         TensorizePlan(rules=[Rule(GPT2_LINEAR, "auto", cr=0.5)], budget=0.3)
+
+
+def test_the_inference_aware_objective_prefers_cheap_forms_at_equal_cr():
+    from tnlit.formats.choice import apply_flops, flops_ratio
+
+    teacher = tiny_gpt2(n_layer=1, n_embd=64)
+    by_error = tensorize(teacher, TensorizePlan([Rule(r"transformer\.h\.0\.mlp\.c_fc", "auto", cr=0.5)]))[1]
+    fast = tensorize(teacher, TensorizePlan([Rule(r"transformer\.h\.0\.mlp\.c_fc", "auto", cr=0.5,
+                                                  flops_weight=1.0)]))[1]  # fmt: skip
+    ratio = {c.candidate: c.flops_ratio for c in fast.choices}
+    chosen = next(c for c in fast.choices if c.chosen)
+    assert chosen.flops_ratio == min(ratio.values())  # a weight of 1 outweighs any error difference here
+    assert fast.layers[0].flops_ratio == pytest.approx(chosen.flops_ratio)
+    assert by_error.layers[0].flops_ratio >= fast.layers[0].flops_ratio and fast.layers[0].cr >= 0.5
+    assert "FLOPs/dense" in str(fast)
+    lowrank = next(c for c in candidates(64, 256, 0.5) if c.format == "lowrank")
+    assert flops_ratio(lowrank, 64, 256) == pytest.approx(lowrank.ranks[0] * (64 + 256) / (64 * 256))
+    assert apply_flops("mpo", 4, 4, [4], (2, 2), (2, 2), tokens=3) > 0
+    with pytest.raises(TensorizeError, match="flops_weight"):
+        Rule("x", "mpo", cr=0.5, flops_weight=0.1)

@@ -32,6 +32,7 @@ SLOW = {
     r"^tnlit compress --config configs/gpt2_xl/": "GPT-2 XL: a GPU and a download",
     r"^tnlit fit ": "trains a teacher",
     r"^tnlit inspect --run_dir runs/quickstart/": "reads a finished quickstart run",
+    r"^tnlit export --run_dir runs/quickstart/": "reads a finished quickstart run",
     r"^torchrun ": "several GPUs",
     r"^python reproduce/": "minutes to days; each script's smoke mode is tested in its own test file",
 }

@@ -15,11 +15,11 @@ STAGES = [
     {"tnlit.types", "tnlit.atomic", "tnlit.checksums", "tnlit.markdown", "tnlit.provenance"},
     {"tnlit.formats"},
     {"tnlit.layers"},
-    {"tnlit.tensorize"},
+    {"tnlit.tensorize", "tnlit.inference"},
     {"tnlit.slices", "tnlit.data", "tnlit.models", "tnlit.distributed", "tnlit.evaluate"},
     {"tnlit.activations"},
     {"tnlit.methods"},
-    {"tnlit.analysis", "tnlit.pipeline"},
+    {"tnlit.analysis", "tnlit.pipeline", "tnlit.export"},
     {"tnlit.commands"},
     {"tnlit.cli", "tnlit"},
 ]

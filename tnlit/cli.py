@@ -15,6 +15,7 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 from tnlit.commands.compress import compress, print_result
+from tnlit.commands.export import export
 from tnlit.commands.inspect import inspect
 from tnlit.commands.parsing import command_parser, lightning_cli
 from tnlit.commands.quickstart import quickstart
@@ -27,7 +28,7 @@ __all__ = ["COMMANDS", "build_parser", "lightning_cli", "main", "run_command"]
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 COMMANDS: dict[str, Callable[..., Any]] = {
-    "report": report, "compress": compress, "quickstart": quickstart, "inspect": inspect,
+    "report": report, "compress": compress, "quickstart": quickstart, "inspect": inspect, "export": export,
 }  # fmt: skip
 """tnlit's own subcommands: a function each, whose signature and docstring make the options and help."""
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     name = argv[0] if argv else ""
     try:
         result = run_command(argv, parser)
-    except (TensorizeError, ValueError, RunDirError, FileNotFoundError) as err:
+    except (TensorizeError, ValueError, RunDirError, FileNotFoundError, FileExistsError) as err:
         # A bad plan or model name is the user's to fix: say what, without a traceback.
         parser.exit(2, f"tnlit {name}: error: {err}\n")
     except OSError as err:

@@ -29,6 +29,7 @@ from tnlit.analysis.bonds import (
 from tnlit.analysis.compressibility import DEFAULT_CRS, compressibility_map
 from tnlit.atomic import atomic_csv
 from tnlit.checksums import verified_problem
+from tnlit.export import load_student
 from tnlit.formats.ranks import check_cr
 from tnlit.models import load_model, load_teacher
 from tnlit.pipeline.run_dir import RunDirError, datamodule_from_config, read_run_config
@@ -42,12 +43,9 @@ __all__ = ["inspect", "load_run"]
 def load_run(run_dir: Path) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """``(teacher, student, config)`` of a finished ``tnlit compress`` run directory.
 
-    The student is rebuilt as the run built it (the teacher by name and weights, tensorized by the run's plan, so
-    that every factor has the shape the run trained) and then given the trained weights of ``student.safetensors``.
+    The student comes from the run directory alone (:func:`tnlit.export.load_student`: the architecture, the report's
+    factor shapes, ``student.safetensors``); the teacher, by name and weights, is for the compressibility maps.
     """
-    from safetensors.torch import load_model
-
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist: give the run_dir of a tnlit compress run")
@@ -68,14 +66,7 @@ def load_run(run_dir: Path) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.get("seed", 0))
         teacher = load_teacher(config["teacher"], config.get("teacher_weights")).eval()
-    student, _ = tensorize(teacher, TensorizePlan(**config["plan"]))
-    try:
-        load_model(student, str(student_file), strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{student_file} does not fit the student its config.json describes: {err}") from err
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a truncated file
-        raise RunDirError(f"{student_file} is unreadable ({err}): rerun the run's tnlit compress command") from err
-    return teacher, student.eval(), config
+    return teacher, load_student(run_dir), config
 
 
 def _decoder(decode: str, data: LightningDataModule) -> Any:

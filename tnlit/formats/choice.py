@@ -21,6 +21,12 @@ remainder is orthogonal to what the earlier isometries keep). Each SVD is the ei
 Gram matrix in float64, which is several times cheaper than an SVD and exact well below the errors that matter
 (about 1e-7 relative). Output errors need the approximation itself, so they rebuild each candidate by the very
 decompositions that :func:`~tnlit.tensorize.tensorize` runs (slower: an SVD with vectors per candidate).
+
+Inference-aware choice: at equal parameters the candidates differ widely in what they cost to run. A two-site MPO
+whose bond is large contracts an input through ``in x bond x out``-sized steps, several times the dense layer's FLOPs
+at batch 1, while low rank or an MPO of more sites and smaller bonds costs a fraction of them. Given
+``flops_weight > 0``, :func:`choose` minimises ``error + flops_weight * flops_ratio``, where ``flops_ratio`` is the
+candidate's factor-by-factor FLOPs over the dense layer's at ``tokens`` input rows (:func:`apply_flops`).
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import opt_einsum as oe
 import torch
 
 from tnlit.formats.lowrank import lowrank_from_matrix
-from tnlit.formats.mpo import mpo_from_matrix, mpo_to_matrix
+from tnlit.formats.mpo import mpo_equation, mpo_from_matrix, mpo_to_matrix
 from tnlit.formats.ranks import (
     RankError,
     balanced_factors,
@@ -43,7 +50,7 @@ from tnlit.formats.ranks import (
 )
 from tnlit.formats.whiten import output_error
 
-__all__ = ["SPLITS", "Candidate", "Scored", "candidates", "choose", "site_splits"]
+__all__ = ["SPLITS", "Candidate", "Scored", "apply_flops", "candidates", "choose", "flops_ratio", "site_splits"]
 
 SPLITS: dict[int, int] = {2: 2, 3: 2}
 """Sites of the MPO candidates -> how many of each dimension's most balanced factorizations are tried. Two each
@@ -92,6 +99,8 @@ class Scored:
 
     candidate: Candidate
     rel_error: float
+    flops_ratio: float = float("nan")
+    """Factor-by-factor FLOPs over the dense layer's at the objective's tokens (:func:`flops_ratio`)."""
 
 
 def site_splits(n: int, sites: int, limit: int) -> list[tuple[int, ...]]:
@@ -166,12 +175,47 @@ def candidates(d_in: int, d_out: int, cr: float, splits: dict[int, int] | None =
     return found
 
 
-def choose(
-    matrix: torch.Tensor, cands: list[Candidate], covariance: torch.Tensor | None = None
-) -> tuple[list[Scored], int]:
-    """Every candidate's relative error on ``matrix`` (``(d_in, d_out)``) and the index of the least.
+def apply_flops(
+    fmt: str, d_in: int, d_out: int, ranks: tuple[int, ...] | list[int], in_dims: tuple[int, ...] = (),
+    out_dims: tuple[int, ...] = (), tokens: int = 1,
+) -> float:  # fmt: skip
+    """FLOPs of applying a factorized ``(d_in, d_out)`` weight factor by factor to ``tokens`` input rows.
 
-    Ties go to the earlier candidate, so the default format wins unless another keeps strictly more.
+    Low rank: ``2 n r (d_in + d_out)``; an MPO: the cheaper of the left-to-right and right-to-left sweeps that keep the
+    input in every step (what :class:`~tnlit.layers.MPOLinear` runs). The dense layer costs ``2 n d_in d_out``.
+    """
+    if fmt == "lowrank":
+        return 2.0 * tokens * ranks[0] * (d_in + d_out)
+    if fmt != "mpo":
+        raise ValueError(f"no FLOP count for format {fmt!r}")
+    full = [1, *ranks, 1]
+    shapes = [(tokens, *in_dims), *[(full[k], i, o, full[k + 1]) for k, (i, o) in enumerate(zip(in_dims, out_dims))]]
+    m = len(in_dims)
+    eq = mpo_equation(m, batched=True)
+    left = [(0, 1)] + [(0, m - 1 - k) for k in range(m - 1)]
+    right = [(0, m)] + [(m - 2 - k, m - 1 - k) for k in range(m - 1)]
+    sweeps = (left, right)
+    return float(min(oe.contract_path(eq, *shapes, shapes=True, optimize=list(p))[1].opt_cost for p in sweeps))
+
+
+def flops_ratio(cand: Candidate, d_in: int, d_out: int, tokens: int = 1) -> float:
+    """The candidate's factor-by-factor FLOPs over the dense layer's ``2 n d_in d_out``, at ``tokens`` rows."""
+    flops = apply_flops(cand.format, d_in, d_out, cand.ranks, cand.in_dims, cand.out_dims, tokens)
+    return flops / (2.0 * tokens * d_in * d_out)
+
+
+def choose(
+    matrix: torch.Tensor,
+    cands: list[Candidate],
+    covariance: torch.Tensor | None = None,
+    flops_weight: float = 0.0,
+    tokens: int = 1,
+) -> tuple[list[Scored], int]:
+    """Every candidate's relative error on ``matrix`` (``(d_in, d_out)``) and the index of the best.
+
+    The best has the least error, or with ``flops_weight > 0`` the least ``error + flops_weight * flops_ratio``
+    (FLOPs at ``tokens`` input rows, over the dense layer's). Ties go to the earlier candidate, so the default
+    format wins unless another is strictly better.
 
     Args:
         matrix: The weight in the ``x @ W`` layout.
@@ -192,8 +236,9 @@ def choose(
             )
         cov = covariance.detach().to(device=w.device, dtype=torch.float64)
         errors = [_output_error(w, c, cov) for c in cands]
-    best = min(range(len(cands)), key=lambda i: errors[i])
-    return [Scored(c, e) for c, e in zip(cands, errors)], best
+    ratios = [flops_ratio(c, w.shape[0], w.shape[1], tokens) for c in cands]
+    best = min(range(len(cands)), key=lambda i: errors[i] + flops_weight * ratios[i])
+    return [Scored(c, e, f) for c, e, f in zip(cands, errors, ratios)], best
 
 
 # ------------------------------------------------------------------------------------------ internals

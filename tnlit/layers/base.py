@@ -9,6 +9,12 @@ Which is cheaper depends on the batch: rebuilding costs the same for any batch, 
 factor grows with it, and a high-rank factorization (the paper's two-site MPO at bond 832) can cost
 more per input than the dense layer itself. ``contraction="auto"`` compares the two costs for each input
 shape and caches the choice; ``"factors"`` or ``"dense"`` forces one.
+
+For inference (:func:`tnlit.inference.inference_mode`) a third way opens: ``"cached"``, the dense weight rebuilt
+once and kept, then one GEMM / conv per forward. Where it is the cheapest (a high-rank MPO at any batch) and the
+memory budget allows, generation at batch 1 runs at the dense layer's speed instead of rebuilding the weight at
+every token. The cache is dropped when the layer goes back to training (``train()``), and rebuilt when a factor
+changes (load_state_dict, an optimizer step) or moves (``.to()``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from torch import nn
 
 from tnlit.types import Contraction, Layout
 
-__all__ = ["Contraction", "TensorizedLayer", "dense_weight_io", "is_hf_conv1d"]
+__all__ = ["CacheBudget", "Contraction", "TensorizedLayer", "dense_weight_io", "is_hf_conv1d"]
 
 _CONTRACTIONS = ("auto", "factors", "dense")
 
@@ -50,6 +56,22 @@ def dense_weight_io(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     )
 
 
+class CacheBudget:
+    """Bytes that the layers of one model in inference mode may still spend on cached dense weights."""
+
+    def __init__(self, max_bytes: float = float("inf")) -> None:
+        self.left = float(max_bytes)
+        self.used = 0
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes``; False (nothing reserved) when they do not fit."""
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        self.used += nbytes
+        return True
+
+
 class TensorizedLayer(nn.Module):
     """Thin base of the tensorized layers: factor bookkeeping and the cached, cost-based strategy choice.
 
@@ -62,10 +84,17 @@ class TensorizedLayer(nn.Module):
     from reproduce/bench_layers.py; the choice is "factors" when ``factor_flops * factor_overhead`` is
     below the dense strategy's FLOPs."""
 
+    call_overhead_flops: float = 0.0
+    """In inference mode: the fixed cost of one kernel call of the factor-by-factor forward, in FLOP equivalents
+    (Python and dispatch work that a small input does not amortise; measured by reproduce/bench_inference.py)."""
+
     def __init__(self, contraction: Contraction = "auto") -> None:
         super().__init__()
         self.contraction = contraction
         self._plans: dict[Hashable, str] = {}
+        self._budget: CacheBudget | None = None
+        self._inference = False
+        self._dense: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def contraction(self) -> Contraction:
@@ -94,15 +123,71 @@ class TensorizedLayer(nn.Module):
         """FLOPs of the forward for input shape ``key``: ``(factor by factor, rebuild + dense op)``."""
         raise NotImplementedError
 
-    def strategy(self, key: Hashable) -> Literal["factors", "dense"]:
+    def rebuild_flops(self) -> float:
+        """FLOPs of rebuilding the dense weight from the factors (once per forward on the ``dense`` path)."""
+        raise NotImplementedError
+
+    def factor_calls(self) -> int:
+        """Kernel calls of the factor-by-factor forward (for :attr:`call_overhead_flops`)."""
+        return sum(1 for _ in self.factors())
+
+    def strategy(self, key: Hashable) -> Literal["factors", "dense", "cached"]:
         """The contraction the forward uses for input shape ``key`` (cached when automatic)."""
         if self._contraction != "auto":
             return self._contraction  # type: ignore[return-value]
         choice = self._plans.get(key)
         if choice is None:
-            factor_cost, dense_cost = self._costs(key)
-            choice = "factors" if factor_cost * self.factor_overhead < dense_cost else "dense"
+            choice = self._choose(key)
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.clear()
             self._plans[key] = choice
         return choice  # type: ignore[return-value]
+
+    def _choose(self, key: Hashable) -> str:
+        factor_cost, dense_cost = self._costs(key)
+        factor_cost *= self.factor_overhead
+        if not self._inference:
+            return "factors" if factor_cost < dense_cost else "dense"
+        factor_cost += self.call_overhead_flops * self.factor_calls()
+        gemm_cost = dense_cost - self.rebuild_flops()
+        if gemm_cost < factor_cost and (self._dense is not None or self._reserve()):
+            return "cached"
+        return "factors" if factor_cost < dense_cost else "dense"
+
+    def _reserve(self) -> bool:
+        """Reserve the memory of the dense weight in the model's cache budget."""
+        factors = list(self.factors())
+        numel = 1
+        for d in self.dense_shape():
+            numel *= d
+        return self._budget is not None and self._budget.take(numel * factors[0].element_size())
+
+    def dense_shape(self) -> tuple[int, ...]:
+        """The dense weight's shape (in the module's own layout)."""
+        raise NotImplementedError
+
+    def cached_dense_weight(self) -> torch.Tensor:
+        """The dense weight, rebuilt once (without autograd) and reused while the factors stay as they are."""
+        stamp = ()
+        if not torch.compiler.is_compiling():
+            stamp = tuple((id(p), p._version, p.device, p.dtype) for p in self.factors())
+        if self._dense is None or (stamp and self._dense[0] != stamp):
+            with torch.no_grad():
+                self._dense = (stamp, self.to_dense_weight().detach())
+        return self._dense[1]
+
+    def set_inference(self, budget: CacheBudget | None) -> None:
+        """Enter inference mode; ``budget``: where cached dense weights may go (None: no cache). See
+        :func:`tnlit.inference.inference_mode`."""
+        self._inference, self._budget, self._dense = True, budget, None
+        self._plans.clear()
+
+    def leave_inference(self) -> None:
+        """Back to the training strategies: the cached dense weight is dropped."""
+        self._inference, self._budget, self._dense = False, None, None
+        self._plans.clear()
+
+    def train(self, mode: bool = True) -> TensorizedLayer:
+        if mode and self._inference:
+            self.leave_inference()  # training changes the factors: a cached weight would go stale
+        return super().train(mode)

@@ -105,11 +105,21 @@ class TuckerConv2d(TensorizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
         bias = self.bias  # under autocast F.conv2d casts it with the weights
-        if self.strategy(tuple(x.shape)) == "dense":
+        how = self.strategy(tuple(x.shape))
+        if how == "cached":
+            return F.conv2d(x, self.cached_dense_weight(), bias, **conv)
+        if how == "dense":
             return F.conv2d(x, self.to_dense_weight(), bias, **conv)
         h = F.conv2d(x, self.u_in.t()[:, :, None, None])
         h = F.conv2d(h, self.core, None, **conv)
         return F.conv2d(h, self.u_out[:, :, None, None], bias)
+
+    def dense_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def rebuild_flops(self) -> float:
+        (r_out, r_in), k = self.ranks, math.prod(self.kernel_size)
+        return 2.0 * k * (r_out * r_in * self.out_channels + self.out_channels * r_in * self.in_channels)
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
         if self.padding == "same":

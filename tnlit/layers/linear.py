@@ -50,10 +50,18 @@ class FactorizedLinear(TensorizedLayer):
         w = self.weight_io()
         return w.t() if self.layout == "linear" else w
 
+    def dense_shape(self) -> tuple[int, ...]:
+        io = (self.in_features, self.out_features)
+        return io[::-1] if self.layout == "linear" else io
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.strategy(x2.shape[0]) == "dense":
+        how = self.strategy(x2.shape[0])
+        if how == "cached":
+            w = self.cached_dense_weight()
+            y = x2 @ (w.t() if self.layout == "linear" else w).to(x2.dtype)
+        elif how == "dense":
             y = x2 @ self.weight_io()
         else:
             y = self._apply_factors(x2)
@@ -158,14 +166,24 @@ class MPOLinear(FactorizedLinear):
     def _costs(self, n: int) -> tuple[float, float]:
         shapes = tuple(tuple(c.shape) for c in self.cores)
         factor = _mpo_path(n, self.in_dims, shapes).opt_cost
-        rebuild = oe.contract_path(mpo_equation(len(shapes), batched=False), *shapes, shapes=True)[1].opt_cost
+        rebuild = _rebuild_path(shapes).opt_cost
         return float(factor), float(rebuild) + 2.0 * n * self.in_features * self.out_features
+
+    def rebuild_flops(self) -> float:
+        shapes = tuple(tuple(c.shape) for c in self.cores)
+        return float(_rebuild_path(shapes).opt_cost)
 
     def extra_repr(self) -> str:
         return (
             f"in_dims={self.in_dims}, out_dims={self.out_dims}, bond_dims={self.bond_dims}, "
             f"bias={self.bias is not None}, layout={self.layout!r}, contraction={self.contraction!r}"
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _rebuild_path(core_shapes: tuple[tuple[int, ...], ...]) -> PathInfo:
+    """The cheapest contraction of the cores into the dense weight."""
+    return oe.contract_path(mpo_equation(len(core_shapes), batched=False), *core_shapes, shapes=True)[1]
 
 
 @functools.lru_cache(maxsize=256)
@@ -250,6 +268,9 @@ class LowRankLinear(FactorizedLinear):
     def _costs(self, n: int) -> tuple[float, float]:
         d_in, d_out, r = self.in_features, self.out_features, self.rank
         return 2.0 * n * r * (d_in + d_out), 2.0 * d_in * r * d_out + 2.0 * n * d_in * d_out
+
+    def rebuild_flops(self) -> float:
+        return 2.0 * self.in_features * self.rank * self.out_features
 
     def extra_repr(self) -> str:
         return (

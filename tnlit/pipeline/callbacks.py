@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch import nn
 
@@ -20,7 +20,14 @@ from tnlit.atomic import atomic_text
 from tnlit.checksums import file_sha256, sidecar
 from tnlit.pipeline.settings import LogSettings
 
-__all__ = ["EpochEvaluation", "Loggers", "OptimisationTimer", "VerifiedCheckpoint", "quiet_lightning"]
+__all__ = [
+    "EpochEvaluation",
+    "Loggers",
+    "OptimisationTimer",
+    "PhaseProgressBar",
+    "VerifiedCheckpoint",
+    "quiet_lightning",
+]
 
 
 class _NoAdvert(logging.Filter):
@@ -36,6 +43,19 @@ _NO_ADVERT = _NoAdvert()
 def quiet_lightning() -> None:
     """Drop Lightning's cloud-logger advert from its log (idempotent: one filter however often it is called)."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NO_ADVERT)
+
+
+class PhaseProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, named by the phase and slice it trains (``slice transformer.h.0.mlp epoch 1/2``)
+    instead of a bare ``Epoch 0`` that every phase of a run would show alike."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label.replace(":", " ", 1) if label.startswith("slice:") else label
+
+    def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"{self.label} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
 
 
 class OptimisationTimer(Callback):

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ProgressBar
 from torch import nn
 
 from tnlit.activations import ActivationDataModule, ActivationStore, activation_init_, input_covariances, open_store
 from tnlit.checksums import verified_problem
 from tnlit.methods.global_finetune import GlobalFinetune
 from tnlit.methods.slice_distill import SliceDistillation
-from tnlit.pipeline.callbacks import EpochEvaluation, OptimisationTimer, VerifiedCheckpoint
+from tnlit.pipeline.callbacks import EpochEvaluation, OptimisationTimer, PhaseProgressBar, VerifiedCheckpoint
 from tnlit.pipeline.lock import hold
 from tnlit.pipeline.run_dir import Run, factor_state, load_factors, save_factors, usable
 from tnlit.pipeline.settings import FinetuneSettings, InitSettings, SliceSettings, uses_store
@@ -28,15 +29,19 @@ from tnlit.types import Task
 __all__ = ["fit", "global_phase", "initialise", "train_slices"]
 
 
-def fit(module: LightningModule, data: LightningDataModule, run: Run, phase: str, epochs: int) -> None:
+def fit(
+    module: LightningModule, data: LightningDataModule, run: Run, phase: str, epochs: int, label: str | None = None
+) -> None:
     """Train one phase, resuming from its last epoch checkpoint when there is one; the run's ``evaluate`` (the
-    student's metric) is called after every epoch when it has one."""
+    student's metric) is called after every epoch when it has one. ``label`` names the progress bar (the phase)."""
     seed_everything(run.seed, workers=True, verbose=False)  # the same data order in every phase and mode
     ckpt_dir = run.dir / "ckpt" / phase.replace(":", "_")
     timer = OptimisationTimer(run.times(phase), on_epoch=run.save)
     callbacks = [*run.trainer.get("callbacks", ()), _epoch_checkpoint(ckpt_dir), timer]
     if run.evaluate is not None:
         callbacks.append(EpochEvaluation(run.state, run.save, phase, run.evaluate))
+    if run.progress and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(PhaseProgressBar(label or phase))
     trainer = Trainer(
         max_epochs=epochs, accelerator=run.accelerator, precision=run.precision,
         devices=run.trainer.get("devices", 1), strategy=run.trainer.get("strategy", "auto"),
@@ -104,7 +109,9 @@ def train_slices(
         source = data if store is None else ActivationDataModule(
             store.root, [s.name for s in group], shuffle=settings.cache_shuffle, seed=run.seed
         )  # fmt: skip
-        fit(module, source, run, f"slice:{group[0].name}" if settings.mode == "serial" else phase, settings.epochs)
+        name = f"slice:{group[0].name}" if settings.mode == "serial" else phase
+        label = name if settings.mode == "serial" else f"{phase}: {len(group)} slices ({settings.mode})"
+        fit(module, source, run, name, settings.epochs, label=label)
         run.save_slices(student, group)
 
 

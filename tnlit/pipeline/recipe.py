@@ -23,6 +23,7 @@ from torch import nn
 from tnlit import distributed
 from tnlit.checksums import written_verified
 from tnlit.evaluate import evaluate_task
+from tnlit.export import save_architecture
 from tnlit.models import load_teacher
 from tnlit.pipeline.callbacks import Loggers, quiet_lightning
 from tnlit.pipeline.checks import check_data, check_teacher
@@ -130,6 +131,7 @@ def _load(
     slices = make_slices(student, slicewise.granularity, slicewise.block_pattern) if method != "global" else []
     return model, student, report, slices
 
+
 def _prepare(
     run: Run, model: nn.Module, student: nn.Module, report: CompressionReport, data: LightningDataModule,
     init: InitSettings, config: dict[str, Any], log: LogSettings,
@@ -139,6 +141,7 @@ def _prepare(
         return _prepare_data(run, model, student, data, init, config, log)
     report.to_csv(run.dir / "report.csv")
     report.to_json(run.dir / "report.json")
+    save_architecture(model, run.dir)  # the student then loads without the teacher (tnlit.load_student)
     if report.choices:
         report.choices_to_csv(run.dir / "choices.csv")
     run.state["compression"] = {"params_before": report.params_before, "params_after": report.params_after,
@@ -193,6 +196,7 @@ def _finish(run: Run, student: nn.Module, method: Method) -> dict[str, Any]:
         with written_verified(path) as tmp:
             save_model(student, str(tmp))
     run.state["done"] = True
+    run.state["student"] = str(run.dir / "student.safetensors")
     run.state["final_metric"] = run.state["metrics"][method if method != "hybrid" else "global"]
     if not (unchanged and read_state(run.dir / "state.json") == run.state):
         run.save()

@@ -25,7 +25,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from tnlit.formats.choice import choose
+from tnlit.formats.choice import apply_flops, choose
 from tnlit.layers.base import TensorizedLayer, dense_weight_io
 from tnlit.layers.conv import TuckerConv2d
 from tnlit.layers.linear import LowRankLinear, MPOLinear
@@ -134,7 +134,7 @@ def _choose(targets: list[Target], covariances: dict[str, torch.Tensor]) -> list
         if t.format != "auto":
             continue
         cov = covariances.get(t.name)
-        scored, best = choose(dense_weight_io(t.module)[0], t.candidates, cov)
+        scored, best = choose(dense_weight_io(t.module)[0], t.candidates, cov, t.rule.flops_weight, t.rule.flops_tokens)
         pick = scored[best].candidate
         t.format, t.ranks, t.factor_params = pick.format, list(pick.ranks), pick.params
         t.site_dims = (pick.in_dims, pick.out_dims) if pick.format == "mpo" else None
@@ -143,7 +143,7 @@ def _choose(targets: list[Target], covariances: dict[str, torch.Tensor]) -> list
                 layer=t.name, candidate=s.candidate.label, format=s.candidate.format, sites=s.candidate.sites,
                 site_dims=s.candidate.site_dims, ranks=list(s.candidate.ranks), params=s.candidate.params,
                 cr=1.0 - s.candidate.params / t.weight_params, rel_error=s.rel_error,
-                metric="weight" if cov is None else "output", chosen=i == best,
+                metric="weight" if cov is None else "output", chosen=i == best, flops_ratio=s.flops_ratio,
             )
             for i, s in enumerate(scored)
         ]  # fmt: skip
@@ -171,5 +171,15 @@ def _row(t: Target, err: float | None) -> LayerReport:
     return LayerReport(
         name=t.name, format=t.format, module_type=type(t.module).__name__, shape=list(t.module.weight.shape),
         site_dims=sites, ranks=list(t.ranks), weight_params=t.weight_params, factor_params=t.factor_params,
-        cr=1.0 - t.factor_params / t.weight_params, rel_error=err,
+        cr=1.0 - t.factor_params / t.weight_params, rel_error=err, flops_ratio=_flops_ratio(t),
     )  # fmt: skip
+
+
+def _flops_ratio(t: Target) -> float | None:
+    """The layer's factor-by-factor FLOPs over the dense layer's, at one input row (the auto rule's tokens)."""
+    if t.format not in ("mpo", "lowrank"):
+        return None
+    d_in, d_out = dense_weight_io(t.module)[0].shape
+    n = t.rule.flops_tokens
+    dims = t.site_dims or ((), ())
+    return apply_flops(t.format, d_in, d_out, t.ranks, dims[0], dims[1], n) / (2.0 * n * d_in * d_out)

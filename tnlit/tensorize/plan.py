@@ -46,6 +46,13 @@ class Rule:
     """``mpo`` only: one cap for every inner bond, or one value per inner bond."""
     sites: int = 2
     """``mpo`` only: number of cores; in/out dims are split into balanced site dims. (``auto`` tries 2 and 3.)"""
+    flops_weight: float = 0.0
+    """``auto`` only: an inference-aware objective. The choice minimises ``error + flops_weight * flops_ratio``, the
+    ratio being the candidate's factor-by-factor FLOPs over the dense layer's at ``flops_tokens`` input rows; 0 (the
+    default) chooses by error alone. E.g. 0.05: a candidate costing the dense FLOPs must keep 0.05 less error than
+    one that costs nothing."""
+    flops_tokens: int = 1
+    """The input rows (batch x sequence) at which ``flops_weight`` counts FLOPs: 1 for generation at batch 1."""
 
     def __post_init__(self) -> None:
         where = f"rule {self.pattern!r}"
@@ -66,6 +73,11 @@ class Rule:
                 f"{where}: format 'auto' compares formats at the parameters of one compression rate: give cr "
                 f"(e.g. cr: 0.5), {got}"
             )
+        if self.flops_weight < 0 or self.flops_tokens < 1:
+            raise TensorizeError(f"{where}: flops_weight must be >= 0 and flops_tokens >= 1")
+        if self.flops_weight and self.format != "auto":
+            raise TensorizeError(f"{where}: flops_weight weighs the candidates of format 'auto'; this rule is "
+                                 f"'{self.format}'")  # fmt: skip
         if self.bond_dim is not None and self.format != "mpo":
             raise TensorizeError(f"{where}: bond_dim is for the 'mpo' format; '{self.format}' takes rank or cr")
         if self.rank is not None and self.format == "mpo":

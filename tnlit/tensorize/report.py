@@ -34,6 +34,9 @@ class LayerReport:
     """The layer's compression rate, ``1 - factor_params / weight_params`` (biases stay dense, uncounted)."""
     rel_error: float | None
     """``||W - W_hat||_F / ||W||_F``; ``None`` for an estimate made without decomposing."""
+    flops_ratio: float | None = None
+    """The factor-by-factor forward's FLOPs over the dense layer's at one input row (generation at batch 1; the
+    rule's ``flops_tokens`` for an auto rule): above 1, the layer is cheaper run from its cached dense weight."""
 
 
 _COLUMNS = [f.name for f in LayerReport.__dataclass_fields__.values()]
@@ -58,6 +61,8 @@ class ChoiceRow:
     metric: str
     """``weight`` (``||W - W_hat|| / ||W||``) or ``output`` (``sqrt(tr(D^T C D) / tr(W^T C W))``)."""
     chosen: bool
+    flops_ratio: float = float("nan")
+    """Factor-by-factor FLOPs over the dense layer's at the rule's ``flops_tokens`` input rows."""
 
 
 _CHOICE_COLUMNS = [f.name for f in ChoiceRow.__dataclass_fields__.values()]
@@ -104,12 +109,14 @@ class CompressionReport:
         write_rows(path, _CHOICE_COLUMNS, self.choices)
 
     def __str__(self) -> str:
-        head = ["layer", "format", "shape", "site dims", "ranks", "params", "factors", "CR", "rel. error"]
+        head = ["layer", "format", "shape", "site dims", "ranks", "params", "factors", "CR", "rel. error",
+                "FLOPs/dense"]  # fmt: skip
         body = [
             [
                 r.name, r.format, "x".join(map(str, r.shape)), r.site_dims, ",".join(map(str, r.ranks)),
                 f"{r.weight_params:,}", f"{r.factor_params:,}", f"{r.cr:.4f}",
                 "-" if r.rel_error is None else f"{r.rel_error:.4f}",
+                "-" if r.flops_ratio is None else f"{r.flops_ratio:.3g}",
             ]
             for r in self.layers
         ]  # fmt: skip
