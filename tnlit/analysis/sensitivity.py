@@ -93,10 +93,8 @@ def write_sensitivity(
         table.append(row)
     fields = ["name", "shape", "ranks", "cr", "rel_error", "dense_top1", "top1", "drop", "excluded"]
     atomic_csv(paths["csv"], table, fields)
-    plan_data = {"plan": {"rules": [dataclasses.asdict(r) for r in plan.rules], "exclude": list(plan.exclude)}}
-    for r in plan_data["plan"]["rules"]:  # only what was set: a compress config rejects none of it, reads it plainly
-        for key in [key for key, value in r.items() if value is None or (key == "sites" and r["format"] != "mpo")]:
-            del r[key]
+    # Only what was set: a compress config rejects none of it, reads it plainly.
+    plan_data = {"plan": {"rules": [r.as_config() for r in plan.rules], "exclude": list(plan.exclude)}}
     header = (
         f"# {title}\n"
         f"# The {len(plan.exclude)} layers of the largest top-1 drop kept dense (tnlit.analysis.sensitivity).\n"

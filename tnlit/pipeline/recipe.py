@@ -196,12 +196,12 @@ def _finish(run: Run, student: nn.Module, method: Method) -> dict[str, Any]:
         with written_verified(path) as tmp:
             save_model(student, str(tmp))
     run.state["done"] = True
-    run.state["student"] = str(run.dir / "student.safetensors")
     run.state["final_metric"] = run.state["metrics"][method if method != "hybrid" else "global"]
     if not (unchanged and read_state(run.dir / "state.json") == run.state):
         run.save()
     run.loggers.close()
-    return run.state
+    # Where the student is, for the caller: not kept in state.json, which a moved run directory would contradict.
+    return {**run.state, "student": str(path)}
 
 
 def _holds(path: Path, student: nn.Module) -> bool:

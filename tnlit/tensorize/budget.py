@@ -204,7 +204,7 @@ class BudgetPlan:
         """The plan as YAML (``plan:`` key), ready for ``tnlit compress --config`` or ``tnlit report --config``."""
         import yaml
 
-        rules = [{k: v for k, v in dataclasses.asdict(r).items() if v is not None} for r in self.plan.rules]
+        rules = [r.as_config() for r in self.plan.rules]
         atomic_text(path, yaml.safe_dump({"plan": {"rules": rules}}, sort_keys=False))
 
     def __str__(self) -> str:

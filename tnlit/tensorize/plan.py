@@ -10,7 +10,8 @@ regex, two of cr / rank / bond_dim, a CR outside (0, 1)) fails here, as it is bu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from tnlit.formats.ranks import RankError, check_cr
 from tnlit.types import Format
@@ -53,6 +54,16 @@ class Rule:
     one that costs nothing."""
     flops_tokens: int = 1
     """The input rows (batch x sequence) at which ``flops_weight`` counts FLOPs: 1 for generation at batch 1."""
+
+    def as_config(self) -> dict[str, Any]:
+        """The rule as a config writes it: pattern, format and what was given; settings left at None or at their
+        defaults (the FLOPs objective off, ``sites`` of a format that has none) are left out."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {
+            k: v for k, v in asdict(self).items()
+            if v is not None and not (k.startswith("flops_") and v == defaults[k])
+            and not (k == "sites" and self.format != "mpo")
+        }  # fmt: skip
 
     def __post_init__(self) -> None:
         where = f"rule {self.pattern!r}"
