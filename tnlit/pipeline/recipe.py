@@ -152,11 +152,12 @@ def _recover(
 
 
 def _finish(run: Run, student: nn.Module, method: Method) -> dict[str, Any]:
-    """Write the student (``save_model``: one copy of tied weights, an LM's embedding and head) and mark it done."""
+    """Write the student (``save_model``: one copy of tied weights, an LM's embedding and head), mark it done, and
+    return the state with the student in memory under ``student`` (not written to state.json)."""
     with atomic_path(run.dir / "student.safetensors") as tmp:
         save_model(student, str(tmp))
     run.state["done"] = True
     run.state["final_metric"] = run.state["metrics"][method if method != "hybrid" else "global"]
     run.save()
     run.loggers.close()
-    return run.state
+    return {**run.state, "student": student}
