@@ -105,6 +105,18 @@ def test_evaluation_runs_one_forward_per_window():
 MLP = [Rule(pattern=r"transformer\.h\.\d+\.mlp\.c_fc", format="lowrank", cr=0.5)]
 
 
+def test_a_phase_evaluated_after_its_last_epoch_is_not_measured_again(tmp_path, monkeypatch):
+    import tnlit.pipeline.recipe as recipe
+
+    calls, measure = [], recipe.evaluate_task
+    monkeypatch.setattr(recipe, "evaluate_task", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    data = RandomTokensDataModule(num_sequences=8, seq_len=12, batch_size=4, vocab_size=101, test_sequences=4)
+    state = compress(tiny_gpt2(), data, TensorizePlan(rules=MLP), "causal_lm", method="hybrid", eval_each_epoch=True,
+                     run_dir=tmp_path / "run", progress=False, accelerator="cpu")  # fmt: skip
+    assert len(calls) == 4  # teacher, start, after the slice-wise epoch, after the global epoch
+    assert state["metrics"]["global"]["perplexity"] == state["curve"][-1]["perplexity"]
+
+
 def test_compress_a_module_teacher_with_a_callable_metric(tmp_path):
     teacher = tiny_gpt2()
     data = RandomTokensDataModule(num_sequences=8, seq_len=12, batch_size=4, vocab_size=101, test_sequences=4)

@@ -174,13 +174,21 @@ def _recover(
             train_slices(model, student, data, slices, slicewise, run)
         else:
             train_share(ranks, model, student, data, slices, slicewise, run)
-        run.once(("metrics", "slicewise"), lambda: measure(student))
+        run.once(("metrics", "slicewise"), lambda: _last_point(run, "slicewise", slicewise.epochs) or measure(student))
     if method in ("global", "hybrid"):
         ranks = distributed.current()
         if ranks is not None:  # every rank of the job takes part: Lightning's DDP
             run.trainer = {**run.trainer, **ranks.ddp(run.accelerator)}
         global_phase(model, student, data, task, finetune, run)
-        run.once(("metrics", "global"), lambda: measure(student))
+        run.once(("metrics", "global"), lambda: _last_point(run, "global", finetune.epochs) or measure(student))
+
+
+def _last_point(run: Run, phase: str, epochs: int) -> dict[str, float] | None:
+    """The metrics ``eval_each_epoch`` recorded after the phase's last epoch (the student as the phase left it), so
+    that the phase's result is not measured twice; None when there is no such point."""
+    points = [p for p in run.state.get("curve", []) if p["phase"] == phase and p["epoch"] == epochs]
+    skip = ("phase", "epoch", "optimisation_s")
+    return {k: v for k, v in points[-1].items() if k not in skip} if points and run.evaluate else None
 
 
 def _finish(run: Run, student: nn.Module, method: Method) -> dict[str, Any]:
