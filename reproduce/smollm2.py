@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import re
 import time
@@ -99,9 +100,9 @@ def run_recipe(name: str, config: dict[str, Any], folder: Path, args: argparse.N
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_text(path, f"# reproduce/smollm2.py: {RECIPES[name]}\n" + yaml.safe_dump(config, sort_keys=False))
     print(f"\n[{name}] {RECIPES[name]}\n    tnlit compress --config {path}", flush=True)
-    started = time.perf_counter()
+    started, finished = time.perf_counter(), _finished(Path(config["run_dir"]))
     state = run_command(["compress", "--config", str(path), f"--progress={str(args.progress).lower()}"])
-    wall = time.perf_counter() - started
+    wall = _wall(Path(config["run_dir"]), time.perf_counter() - started, finished)
     row = {"recipe": name, "status": "ok", **_times(state, wall)}
     row["compression_rate"] = round(state["compression"]["compression_rate"], 4)
     row.update(_perplexities(state["final_metric"], state["teacher_metric"]))
@@ -117,6 +118,21 @@ def start_row(row: dict[str, Any]) -> dict[str, Any]:
     """The TT-SVD start's row: the untrained student of a run from it (its ``init_metric``)."""
     out = {"recipe": "tt_svd", "point": row["point"], "status": "ok", "compression_rate": row["compression_rate"]}
     return {**out, **_perplexities(row["start"], row["teacher"]), "optimisation_s": 0.0}
+
+
+def _finished(run_dir: Path) -> bool:
+    state = run_dir / "state.json"
+    return state.is_file() and json.loads(state.read_text()).get("done", False)
+
+
+def _wall(run_dir: Path, seconds: float, reused: bool) -> float:
+    """The run's wall time: measured now, or, for a run finished by an earlier call, what that call measured
+    (``smollm2_wall.json`` in the run directory)."""
+    record = run_dir / "smollm2_wall.json"
+    if reused and record.is_file():
+        return json.loads(record.read_text())["wall_s"]
+    atomic_text(record, json.dumps({"wall_s": seconds}))
+    return seconds
 
 
 def _times(state: dict[str, Any], wall: float) -> dict[str, float]:
