@@ -257,7 +257,7 @@ def markdown(rows: list[dict[str, Any]], total_s: float, args: dict[str, Any]) -
                  *[r.get(f"ratio_{t}", "") for t in texts], r.get("worst_ratio", "")]  # fmt: skip
         cells += [r.get(k, "") for k in ("fit_s", "slicewise_s", "global_s", "optimisation_s", "other_s", "wall_s")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines += ["", "## Greedy continuations", ""]
+    lines += ["", *targets(rows), "", "## Greedy continuations", ""]
     for i, prompt in enumerate(PROMPTS[: args["prompts"]]):
         lines += [f"Prompt: `{prompt!r}`", "", "| recipe | continuation |", "|---|---|"]
         for r in rows:
@@ -265,6 +265,26 @@ def markdown(rows: list[dict[str, Any]], total_s: float, args: dict[str, Any]) -
                 lines.append(f"| {r['recipe']} {r.get('point', '')} | `{r['text'][i]!r}` |")
         lines.append("")
     return "\n".join(lines)
+
+
+TARGET = {0.3: 1.5, 0.45: 2.5}
+"""Issue 13's targets: the best recipe within this ratio of dense on every text, at about this whole-model CR (or
+above), in at most ``TARGET_S`` of optimisation on 2 CPU cores."""
+TARGET_S = 1200.0
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """A sentence per measured ``best`` row: its worst ratio to dense and its optimisation time against the target."""
+    out = []
+    for r in rows:
+        if r["recipe"] != "best" or r["status"] != "ok":
+            continue
+        goal = TARGET[0.45] if r["compression_rate"] >= 0.45 else TARGET[0.3]
+        met = r["worst_ratio"] <= goal and r["optimisation_s"] <= TARGET_S
+        out.append(f"Target (issue 13): best within {goal}x of dense on every text in at most {TARGET_S:.0f} s of "
+                   f"optimisation. At whole-model CR {r['compression_rate']}: worst ratio {r['worst_ratio']} after "
+                   f"{r['optimisation_s']} s: {'met' if met else 'not met'}.")  # fmt: skip
+    return out
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

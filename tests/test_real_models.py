@@ -198,6 +198,6 @@ def test_the_smollm2_script_runs_a_tiny_llama_end_to_end(tmp_path):
     assert rows["global"]["status"] == "not run (budget)" and rows["best"]["status"] == "ok"
     assert float(rows["best"]["ratio_unseen:sklearn"]) > 0
     md = (tmp_path / "results" / "smollm2.md").read_text()
-    assert "a smoke run" in md and "Greedy continuations" in md and "| best 0.5 |" in md
+    assert "a smoke run" in md and "Greedy continuations" in md and "| best 0.5 |" in md and "Target (issue 13)" in md
     assert (tmp_path / "results" / "smollm2.png").is_file()
     assert (tmp_path / "results" / "smollm2.provenance.json").is_file()
