@@ -8,6 +8,7 @@ table compares recipes at (nearly) equal optimisation time; each row reports the
     python reproduce/ablation.py --model resnet        # the quickstart ResNet-34/16 on digits, Tucker-2 at CR 0.7
     python reproduce/ablation.py --model gpt2          # the quickstart byte-level GPT-2, MLP MPOs at CR 0.5
     python reproduce/ablation.py --model path/to/hf_causal_lm --text a.txt b.txt --unseen c.txt
+    python reproduce/ablation.py --model smollm2-135m --cr 0.5   # the built-in real LM (docs/real-models.md)
     python reproduce/ablation.py --model gpt2 --only 'paper|all'   # a selection of variants (regex)
 
 Language models are calibrated on an even mix of text sources and judged on each source's held-out tail and on
@@ -70,15 +71,19 @@ def base_config(model: str, args: argparse.Namespace) -> tuple[str, dict[str, An
         }  # fmt: skip
         lr = 3e-3
     else:
-        directory = Path(model)
+        from tnlit.models import PRETRAINED, pretrained_dir
+
+        # A built-in real model (smollm2-135m) by its name; its cached directory (converted once) gives its kind.
+        directory = pretrained_dir(model) if model in PRETRAINED else Path(model)
         if not (directory / "config.json").is_file():
             raise SystemExit(
-                f"--model {model}: not 'resnet', 'gpt2' or a Hugging Face model directory (no config.json)"
+                f"--model {model}: not 'resnet', 'gpt2', a built-in real model ({', '.join(PRETRAINED)}) or a Hugging "
+                "Face model directory (no config.json)"
             )
+        teacher = model if model in PRETRAINED else str(directory)
         config = {
-            "teacher": str(directory), "task": "causal_lm",
-            "data": _text_data(args.tokenizer or str(directory), args.text or TEXT_SOURCES, args.unseen or UNSEEN,
-                               args),
+            "teacher": teacher, "task": "causal_lm",
+            "data": _text_data(args.tokenizer or teacher, args.text or TEXT_SOURCES, args.unseen or UNSEEN, args),
             "plan": {"rules": [{"pattern": args.pattern or _mlp_pattern(directory), "format": "mpo", "sites": 2,
                                 "cr": args.cr or 0.5}]},
             "finetune": {"lr": 1e-4},
@@ -321,7 +326,9 @@ def _plot(rows: list[dict[str, Any]], path: Path, name: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="resnet, gpt2 (the quickstart's) or a Hugging Face model dir")
+    parser.add_argument(
+        "--model", required=True, help="resnet, gpt2 (the quickstart's), smollm2-135m or a Hugging Face model dir"
+    )
     parser.add_argument("--text", nargs="+", help="calibration text files or built-ins (default: pydoc news kjv)")
     parser.add_argument("--unseen", nargs="+", help="evaluation-only text files or built-ins (default: sklearn)")
     parser.add_argument("--tokenizer", help="tokenizer for --model DIR (default: the model's own; 'bytes' for bytes)")

@@ -82,7 +82,7 @@ def test_variants_and_their_configs_parse_with_the_cli(tmp_path, model):
 
 def test_a_model_that_is_neither_builtin_nor_a_hf_directory_is_a_clear_exit(tmp_path):
     script = _script()
-    with pytest.raises(SystemExit, match="not 'resnet', 'gpt2' or a Hugging Face model directory"):
+    with pytest.raises(SystemExit, match=r"not 'resnet', 'gpt2', a built-in real model \(smollm2-135m\) or a Hugging"):
         script.main(["--model", str(tmp_path / "nothing"), "--runs", str(tmp_path), "--results", str(tmp_path)])
     with pytest.raises(SystemExit, match="no MLP pattern known for model_type 'bert': give --pattern"):
         script.main(["--model", str(_hf_dir(tmp_path / "bert", "bert")), "--runs", str(tmp_path)])

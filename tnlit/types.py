@@ -28,8 +28,10 @@ __all__ = [
     "check_choice",
 ]
 
-Task = Literal["classification", "causal_lm"]
-"""What the model does, and so its loss and metric: ``classification`` (top-1), ``causal_lm`` (perplexity)."""
+Task = Literal["classification", "causal_lm", "features"]
+"""What the model does, and so its loss and metric: ``classification`` (top-1), ``causal_lm`` (perplexity),
+``features`` (a model with no task head: its output's relative error and cosine similarity against the teacher's;
+trained by distilling the teacher's output)."""
 Method = Literal["slicewise", "global", "hybrid"]
 """How accuracy is recovered: slice-wise distillation, global finetuning, or the first then the second."""
 Format = Literal["mpo", "tucker", "lowrank", "auto"]

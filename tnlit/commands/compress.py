@@ -26,9 +26,9 @@ def print_result(state: dict[str, Any]) -> None:
         )
     if state.get("teacher_metric") is not None:
         lines.append(f"teacher {_metric(state['teacher_metric'])}; student {_metric(state.get('final_metric'))}")
-    if state.get("student"):
-        run_dir = Path(state["student"]).parent
-        lines.append(f"student: {state['student']}  (python: tnlit.load_student({str(run_dir)!r}))")
+    if state.get("student_path"):
+        run_dir = Path(state["student_path"]).parent
+        lines.append(f"student: {state['student_path']}  (python: tnlit.load_student({str(run_dir)!r}))")
         out = run_dir.with_name(run_dir.name + "-export")
         lines.append(f"next: tnlit export --run_dir {shlex.quote(str(run_dir))} --out {shlex.quote(str(out))}")
     print("\n".join(lines))

@@ -103,7 +103,8 @@ class TextSourcesDataModule(LightningDataModule):
             sources: Calibration sources: built-in names (pydoc, news, kjv, sklearn) or text files. Training draws
                 the same number of windows from each source's first part.
             unseen: Sources used for evaluation only, whole: text from a source the compression never saw.
-            tokenizer: ``bytes`` (UTF-8 bytes, vocabulary 256) or a Hugging Face tokenizer name / local directory.
+            tokenizer: ``bytes`` (UTF-8 bytes, vocabulary 256), a built-in real model's name (``smollm2-135m``: its
+                own tokenizer), or a Hugging Face tokenizer name / local directory.
             seq_len: Tokens per sequence.
             batch_size: Sequences per batch.
             train_sequences: Random train windows per epoch, over all sources (each gets an equal share).
@@ -133,7 +134,9 @@ class TextSourcesDataModule(LightningDataModule):
             return encode_bytes
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.tokenizer)
+        from tnlit.models.registry import tokenizer_source
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_source(self.tokenizer))
         return lambda text: torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
 
     def setup(self, stage: str | None = None) -> None:

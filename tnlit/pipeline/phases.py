@@ -17,6 +17,7 @@ from torch import nn
 
 from tnlit.activations import ActivationDataModule, ActivationStore, activation_init_, input_covariances, open_store
 from tnlit.checksums import verified_problem
+from tnlit.evaluate import TaskLike
 from tnlit.methods.global_finetune import GlobalFinetune
 from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.pipeline.callbacks import EpochEvaluation, OptimisationTimer, PhaseProgressBar, VerifiedCheckpoint
@@ -24,7 +25,6 @@ from tnlit.pipeline.lock import hold
 from tnlit.pipeline.run_dir import Run, factor_state, load_factors, save_factors, usable
 from tnlit.pipeline.settings import FinetuneSettings, InitSettings, SliceSettings, uses_store
 from tnlit.slices import Slice, tensorized_names
-from tnlit.types import Task
 
 __all__ = ["fit", "global_phase", "initialise", "train_slices"]
 
@@ -141,15 +141,19 @@ def _activation_store(
 
 
 def global_phase(
-    model: nn.Module, student: nn.Module, data: LightningDataModule, task: Task, finetune: FinetuneSettings, run: Run
-) -> None:
-    """Global finetuning of the student's factors, or its earlier result (``global.safetensors``) loaded."""
+    model: nn.Module, student: nn.Module, data: LightningDataModule, task: TaskLike, finetune: FinetuneSettings,
+    run: Run,
+) -> None:  # fmt: skip
+    """Global finetuning of the student's factors, or its earlier result (``global.safetensors``) loaded. A task with
+    no loss of its own (``features``, a callable metric) trains by feature distillation of the final output against
+    the teacher's."""
     done = run.root / "global.safetensors"
     if done.exists() and usable(done):
         load_factors(student, done)
         return
+    loss = task if isinstance(task, str) and task != "features" else "features"
     module = GlobalFinetune(
-        student, task=task, teacher=model if finetune.kd_weight else None, lr=finetune.lr,
+        student, task=loss, teacher=model if finetune.kd_weight or loss == "features" else None, lr=finetune.lr,
         weight_decay=finetune.weight_decay, schedule=finetune.schedule, warmup_steps=finetune.warmup_steps,
         kd_weight=finetune.kd_weight, temperature=finetune.temperature,
     )  # fmt: skip

@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from tnlit import distributed
+from tnlit.activations.store import teacher_fingerprint
 from tnlit.checksums import written_verified
-from tnlit.evaluate import evaluate_task
+from tnlit.evaluate import TaskLike, evaluate_task, metric_name
 from tnlit.export import save_architecture
 from tnlit.models import load_teacher
 from tnlit.pipeline.callbacks import Loggers, quiet_lightning
@@ -35,16 +36,16 @@ from tnlit.pipeline.settings import FinetuneSettings, InitSettings, LogSettings,
 from tnlit.pipeline.signals import stop_on_signals
 from tnlit.slices import Slice, make_slices
 from tnlit.tensorize import CompressionReport, TensorizePlan, tensorize
-from tnlit.types import Method, Task
+from tnlit.types import Method
 
 __all__ = ["compress"]
 
 
 def compress(
-    teacher: str,
+    teacher: str | nn.Module,
     data: LightningDataModule,
     plan: TensorizePlan,
-    task: Task,
+    task: TaskLike,
     method: Method = "slicewise",
     slicewise: SliceSettings = SliceSettings(),  # noqa: B008 - a frozen-by-convention default, never mutated
     finetune: FinetuneSettings = FinetuneSettings(),  # noqa: B008
@@ -65,10 +66,16 @@ def compress(
     slices, the global phase runs under DDP, and rank 0 writes the student (``tnlit.distributed``).
 
     Args:
-        teacher: The dense model: a built-in name, a torchvision name, or a Hugging Face name / directory.
+        teacher: The dense model: a built-in name (``smollm2-135m`` among them), a torchvision name, or a Hugging Face
+            name / directory; from Python also an ``nn.Module`` (left as it is: the student is a tensorized copy),
+            which the run's identity knows by the sha256 of its weights, not by a name.
         data: The DataModule (``class_path`` + ``init_args``) whose train split trains and test split evaluates.
         plan: The tensorization plan.
-        task: ``classification`` (top-1 accuracy) or ``causal_lm`` (perplexity).
+        task: ``classification`` (top-1 accuracy), ``causal_lm`` (perplexity), or ``features`` (a model with no task
+            head: relative error and cosine similarity of its output against the teacher's); from Python also a
+            torchmetrics ``Metric`` (updated with the output and the labels of ``(inputs, labels)`` batches) or a
+            function of (model, test dataloader) -> float. ``features`` and callables have no loss for the global
+            phase: it distils the teacher's final output (squared error over the teacher's mean square).
         method: ``slicewise`` (the paper's method), ``global`` (the baseline) or ``hybrid`` (the first, then the
             second).
         slicewise: Slice-wise distillation settings.
@@ -85,13 +92,15 @@ def compress(
             each point (phase, epoch, optimisation seconds so far over all phases, metric) in state.json's
             ``curve``: the metric against time, and the time to the best metric as the paper counts it.
         init: How the factors start (SVD, or activation-aware from calibration batches of the train split).
+
+    Returns the run's state (``state.json``: metrics, times, curve) with the student itself under ``student``.
     """
     args = dict(locals())
     if distributed.current() is None and distributed.launched():
         # torchrun or srun started several processes: this call is one rank of a slice-parallel job.
         with distributed.join():
             return compress(**args)
-    ranks, config = distributed.current(), plain(args)
+    ranks, config = distributed.current(), plain(_named(args))
     check_settings(method, slicewise, finetune, init, data, eval_each_epoch, distributed_job=ranks is not None)
     refuse_another(Path(run_dir), config, overwrite, compress)  # in seconds, before the teacher loads
     run = Run(Path(run_dir), accelerator=accelerator, precision=precision, progress=progress, seed=seed)
@@ -108,7 +117,7 @@ def compress(
                                  lambda previous: run_inputs(model, teacher_weights, data, previous))  # fmt: skip
         _prepare(run, model, student, report, data, init, config, log)
         if eval_each_epoch:
-            run.evaluate = lambda student: evaluate_task(student, data, task, run.device)
+            run.evaluate = lambda student: evaluate_task(student, data, task, run.device, teacher=model)
         if ranks is not None:
             ranks.announce("run_dir")  # the other ranks may now prepare their data and train
         _recover(run, model, student, data, task, method, slices, slicewise, finetune)
@@ -116,7 +125,7 @@ def compress(
 
 
 def _load(
-    teacher: str, teacher_weights: Path | None, data: LightningDataModule, plan: TensorizePlan,
+    teacher: str | nn.Module, teacher_weights: Path | None, data: LightningDataModule, plan: TensorizePlan,
     slicewise: SliceSettings, method: Method,
 ) -> tuple[nn.Module, nn.Module, CompressionReport, list[Slice]]:  # fmt: skip
     """The teacher, checked with the data, tensorized, and sliced.
@@ -124,12 +133,35 @@ def _load(
     A plan, a granularity, a teacher or data that does not fit fails here, in seconds, and before the run directory
     is claimed: a directory claimed by a config that cannot run would refuse the corrected one.
     """
-    model = load_teacher(teacher, teacher_weights).eval()
-    check_teacher(model, teacher)
+    model = _teacher(teacher, teacher_weights).eval()
+    check_teacher(model, teacher if isinstance(teacher, str) else type(teacher).__name__)
     check_data(data, model)
     student, report = tensorize(model, plan)
     slices = make_slices(student, slicewise.granularity, slicewise.block_pattern) if method != "global" else []
     return model, student, report, slices
+
+
+def _named(args: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments as the run's identity sees them: a teacher module by its class and the sha256 of its
+    weights, a callable task by its name (a different function of the same name is the same run)."""
+    named = dict(args)
+    if isinstance(args["teacher"], nn.Module):
+        cls = type(args["teacher"])
+        named["teacher"] = {"module": f"{cls.__module__}.{cls.__qualname__}",
+                            "sha256": teacher_fingerprint(args["teacher"])}  # fmt: skip
+    if not isinstance(args["task"], str):
+        if distributed.current() is not None:
+            raise ValueError("a callable task needs a one-process run: give classification, causal_lm or features")
+        named["task"] = {"callable": metric_name(args["task"])}
+    return named
+
+
+def _teacher(teacher: str | nn.Module, weights: Path | None) -> nn.Module:
+    if not isinstance(teacher, nn.Module):
+        return load_teacher(teacher, weights)
+    if weights is not None:
+        raise ValueError("teacher_weights is for a teacher by name: load the weights into the module you give")
+    return teacher
 
 
 def _prepare(
@@ -160,13 +192,13 @@ def _prepare_data(
 
 
 def _recover(
-    run: Run, model: nn.Module, student: nn.Module, data: LightningDataModule, task: Task, method: Method,
+    run: Run, model: nn.Module, student: nn.Module, data: LightningDataModule, task: TaskLike, method: Method,
     slices: list[Slice], slicewise: SliceSettings, finetune: FinetuneSettings,
 ) -> None:  # fmt: skip
     """Measure the teacher and the untrained student, then run the method's phases, each measured after it."""
 
-    def measure(model: nn.Module) -> dict[str, float]:
-        return evaluate_task(model, data, task, run.device)
+    def measure(net: nn.Module) -> dict[str, float]:
+        return evaluate_task(net, data, task, run.device, teacher=model)
 
     run.once("teacher_metric", lambda: measure(model))
     run.once("init_metric", lambda: measure(student))
@@ -176,13 +208,21 @@ def _recover(
             train_slices(model, student, data, slices, slicewise, run)
         else:
             train_share(ranks, model, student, data, slices, slicewise, run)
-        run.once(("metrics", "slicewise"), lambda: measure(student))
+        run.once(("metrics", "slicewise"), lambda: _last_point(run, "slicewise", slicewise.epochs) or measure(student))
     if method in ("global", "hybrid"):
         ranks = distributed.current()
         if ranks is not None:  # every rank of the job takes part: Lightning's DDP
             run.trainer = {**run.trainer, **ranks.ddp(run.accelerator)}
         global_phase(model, student, data, task, finetune, run)
-        run.once(("metrics", "global"), lambda: measure(student))
+        run.once(("metrics", "global"), lambda: _last_point(run, "global", finetune.epochs) or measure(student))
+
+
+def _last_point(run: Run, phase: str, epochs: int) -> dict[str, float] | None:
+    """The metrics ``eval_each_epoch`` recorded after the phase's last epoch (the student as the phase left it), so
+    that the phase's result is not measured twice; None when there is no such point."""
+    points = [p for p in run.state.get("curve", []) if p["phase"] == phase and p["epoch"] == epochs]
+    skip = ("phase", "epoch", "optimisation_s")
+    return {k: v for k, v in points[-1].items() if k not in skip} if points and run.evaluate else None
 
 
 def _finish(run: Run, student: nn.Module, method: Method) -> dict[str, Any]:
@@ -200,8 +240,9 @@ def _finish(run: Run, student: nn.Module, method: Method) -> dict[str, Any]:
     if not (unchanged and read_state(run.dir / "state.json") == run.state):
         run.save()
     run.loggers.close()
-    # Where the student is, for the caller: not kept in state.json, which a moved run directory would contradict.
-    return {**run.state, "student": str(path)}
+    # The student for the caller: in memory, and where its file is (neither kept in state.json, which a moved run
+    # directory would contradict).
+    return {**run.state, "student": student, "student_path": str(path)}
 
 
 def _holds(path: Path, student: nn.Module) -> bool:
