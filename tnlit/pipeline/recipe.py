@@ -108,9 +108,7 @@ def compress(
         held.enter_context(stop_on_signals(run.dir, "the same tnlit compress command"))
         if ranks is None or ranks.main:  # one lock a job: its rank 0's
             held.enter_context(hold(run.dir))
-        quiet_lightning()
-        seed_everything(seed, workers=True, verbose=False)
-        model, student, report, slices = _load(teacher, teacher_weights, data, plan, slicewise, method)
+        model, student, report, slices = _load(teacher, teacher_weights, data, plan, slicewise, method, seed)
         if ranks is not None and not ranks.main:
             return rank_worker(ranks, model, student, data, slices, run, config, slicewise, finetune)
         run.state = open_run_dir(run.dir, config, overwrite, compress,
@@ -126,13 +124,16 @@ def compress(
 
 def _load(
     teacher: str | nn.Module, teacher_weights: Path | None, data: LightningDataModule, plan: TensorizePlan,
-    slicewise: SliceSettings, method: Method,
+    slicewise: SliceSettings, method: Method, seed: int,
 ) -> tuple[nn.Module, nn.Module, CompressionReport, list[Slice]]:  # fmt: skip
-    """The teacher, checked with the data, tensorized, and sliced.
+    """The teacher (seeded: one without weights is the run's own initialisation), checked with the data,
+    tensorized, and sliced.
 
     A plan, a granularity, a teacher or data that does not fit fails here, in seconds, and before the run directory
     is claimed: a directory claimed by a config that cannot run would refuse the corrected one.
     """
+    quiet_lightning()
+    seed_everything(seed, workers=True, verbose=False)
     model = _teacher(teacher, teacher_weights).eval()
     check_teacher(model, teacher if isinstance(teacher, str) else type(teacher).__name__)
     check_data(data, model)
