@@ -55,20 +55,24 @@ def base_config(model: str, args: argparse.Namespace) -> tuple[str, dict[str, An
     if model == "resnet":
         weights = teachers / "cifar-resnet34-w16.safetensors"
         config = {
-            "teacher": "cifar-resnet34-w16", "teacher_weights": str(weights), "task": "classification",
+            "teacher": "cifar-resnet34-w16",
+            "teacher_weights": str(weights),
+            "task": "classification",
             "data": {"class_path": "tnlit.data.offline.DigitsDataModule", "init_args": {"batch_size": 64}},
             "plan": {"rules": [{"pattern": r"layer\d\.\d+\.conv[12]", "format": "tucker", "cr": args.cr or 0.7}]},
             "finetune": {"lr": 5e-4},
-        }  # fmt: skip
+        }
         lr = 3e-3
     elif model == "gpt2":
         weights = teachers / "tiny-gpt2-bytes.safetensors"
         config = {
-            "teacher": "tiny-gpt2-bytes", "teacher_weights": str(weights), "task": "causal_lm",
+            "teacher": "tiny-gpt2-bytes",
+            "teacher_weights": str(weights),
+            "task": "causal_lm",
             "data": _text_data("bytes", args.text or TEXT_SOURCES, args.unseen or UNSEEN, args),
             "plan": {"rules": [{"pattern": MLP_PATTERNS["gpt2"], "format": "mpo", "sites": 2, "cr": args.cr or 0.5}]},
             "finetune": {"lr": 2e-3},
-        }  # fmt: skip
+        }
         lr = 3e-3
     else:
         from tnlit.models import PRETRAINED, pretrained_dir
@@ -82,18 +86,32 @@ def base_config(model: str, args: argparse.Namespace) -> tuple[str, dict[str, An
             )
         teacher = model if model in PRETRAINED else str(directory)
         config = {
-            "teacher": teacher, "task": "causal_lm",
+            "teacher": teacher,
+            "task": "causal_lm",
             "data": _text_data(args.tokenizer or teacher, args.text or TEXT_SOURCES, args.unseen or UNSEEN, args),
-            "plan": {"rules": [{"pattern": args.pattern or _mlp_pattern(directory), "format": "mpo", "sites": 2,
-                                "cr": args.cr or 0.5}]},
+            "plan": {
+                "rules": [
+                    {
+                        "pattern": args.pattern or _mlp_pattern(directory),
+                        "format": "mpo",
+                        "sites": 2,
+                        "cr": args.cr or 0.5,
+                    }
+                ]
+            },
             "finetune": {"lr": 1e-4},
-        }  # fmt: skip
+        }
         lr = 1e-4
         model = directory.name
-    config.update({
-        "method": "slicewise", "seed": args.seed, "eval_each_epoch": True, "accelerator": args.accelerator,
-        "slicewise": {"granularity": "block", "mode": "stream", "epochs": args.epochs, "lr": args.lr or lr},
-    })  # fmt: skip
+    config.update(
+        {
+            "method": "slicewise",
+            "seed": args.seed,
+            "eval_each_epoch": True,
+            "accelerator": args.accelerator,
+            "slicewise": {"granularity": "block", "mode": "stream", "epochs": args.epochs, "lr": args.lr or lr},
+        }
+    )
     config["finetune"]["lr"] = args.finetune_lr or config["finetune"]["lr"]
     return model, config
 
@@ -101,10 +119,16 @@ def base_config(model: str, args: argparse.Namespace) -> tuple[str, dict[str, An
 def _text_data(tokenizer: str, sources: list[str], unseen: list[str], args: argparse.Namespace) -> dict[str, Any]:
     return {
         "class_path": "tnlit.data.text_sources.TextSourcesDataModule",
-        "init_args": {"sources": sources, "unseen": unseen, "tokenizer": tokenizer, "seq_len": args.seq_len,
-                      "batch_size": args.batch_size, "train_sequences": args.train_sequences,
-                      "eval_sequences": args.eval_sequences},
-    }  # fmt: skip
+        "init_args": {
+            "sources": sources,
+            "unseen": unseen,
+            "tokenizer": tokenizer,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "train_sequences": args.train_sequences,
+            "eval_sequences": args.eval_sequences,
+        },
+    }
 
 
 def _mlp_pattern(directory: Path) -> str:
@@ -133,8 +157,11 @@ def variants(config: dict[str, Any], uniform_cr: float) -> dict[str, tuple[str, 
     half = max(1, epochs // 2)
     init = {"init": {"method": "activation"}}
     budget = {"plan": {"budget": round(uniform_cr, 4)}}
-    hybrid = {"method": "hybrid", "slicewise": {"epochs": half},
-              "finetune": {"epochs": max(1, epochs - half), "kd_weight": 0.5}}  # fmt: skip
+    hybrid = {
+        "method": "hybrid",
+        "slicewise": {"epochs": half},
+        "finetune": {"epochs": max(1, epochs - half), "kd_weight": 0.5},
+    }
     table: dict[str, tuple[str, dict[str, Any]]] = {
         "paper": ("the paper's slice-wise recipe: SVD init, teacher inputs, MSE, constant lr", {}),
         "init": ("activation-aware (whitened) initialisation", init),
@@ -145,7 +172,7 @@ def variants(config: dict[str, Any], uniform_cr: float) -> dict[str, tuple[str, 
         "relative": ("relative loss: each slice's MSE over its target's energy", {"slicewise": {"loss": "relative"}}),
         "inputs": ("mixed inputs: teacher -> student activations over the phase", {"slicewise": {"inputs": "mix"}}),
         "hybrid_kd": (f"hybrid: {half} slice-wise + {epochs - half} global epochs with logit distillation", hybrid),
-    }  # fmt: skip
+    }
     if linear:
         table["format"] = ("format: auto (best of low-rank / MPO 2-3 sites / site splits per layer)", {"auto": True})
         # The exact whitened SVD starts near a minimum, which the lr tuned for the SVD start may throw away: the
@@ -240,8 +267,11 @@ def ablation(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         fit_s = state.get("times", {}).get("init", {}).get("optimisation_s", 0.0)
         row = {"variant": variant, "what": what, **result_row(path, state), "init_fit_s": round(fit_s, 1)}
         rows.append({**row, **_by_source(state)})
-        print(f"[{i}/{len(table)}] {variant}: {rows[-1]['final_metric']} (teacher {rows[-1]['teacher_metric']}), "
-              f"{rows[-1]['optimisation_s']} s", flush=True)  # fmt: skip
+        print(
+            f"[{i}/{len(table)}] {variant}: {rows[-1]['final_metric']} (teacher {rows[-1]['teacher_metric']}), "
+            f"{rows[-1]['optimisation_s']} s",
+            flush=True,
+        )
     write_results(rows, name, Path(args.results), folder, time.perf_counter() - started)
     return rows
 
@@ -280,8 +310,17 @@ def _markdown(rows: list[dict[str, Any]], name: str, total_s: float) -> str:
     first = rows[0]
     better = "higher" if first["metric"] == "top1" else "lower"
     sources = [k.removeprefix("ratio_") for k in first if k.startswith("ratio_")]
-    head = ["variant", "what", "CR", "start", "init fit (s)", first["metric"], "best", "time to best (s)",
-            "optimisation (s)"]  # fmt: skip
+    head = [
+        "variant",
+        "what",
+        "CR",
+        "start",
+        "init fit (s)",
+        first["metric"],
+        "best",
+        "time to best (s)",
+        "optimisation (s)",
+    ]
     head += [f"/ dense on {s}" for s in sources] + (["worst ratio"] if sources else [])
     lines = [
         f"# Ablation: {name} (teacher {first['teacher_metric']} {first['metric']}, {better} is better)",
@@ -294,8 +333,17 @@ def _markdown(rows: list[dict[str, Any]], name: str, total_s: float) -> str:
     ]
     body = []
     for r in rows:
-        cells = [r["variant"], r["what"], f"{r['compression_rate']:.3f}", r["init_metric"], r["init_fit_s"],
-                 r["final_metric"], r["best_metric"], r["time_to_best_s"], r["optimisation_s"]]  # fmt: skip
+        cells = [
+            r["variant"],
+            r["what"],
+            f"{r['compression_rate']:.3f}",
+            r["init_metric"],
+            r["init_fit_s"],
+            r["final_metric"],
+            r["best_metric"],
+            r["time_to_best_s"],
+            r["optimisation_s"],
+        ]
         cells += [r.get(f"ratio_{s}", "") for s in sources] + ([r.get("worst_ratio", "")] if sources else [])
         body.append(cells)
     lines += markdown_table(head, body)
@@ -313,8 +361,15 @@ def _plot(rows: list[dict[str, Any]], path: Path, name: str) -> None:
     for i, r in enumerate(rows):
         xs, ys = zip(*r["curve"])
         bold = r["variant"] in ("paper", "best")
-        ax.plot(xs, ys, marker="o", ms=3, lw=2.5 if bold else 1.2, color=colours[(2 * i) % 20 + (i >= 10)],
-                label=r["variant"])  # fmt: skip
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            ms=3,
+            lw=2.5 if bold else 1.2,
+            color=colours[(2 * i) % 20 + (i >= 10)],
+            label=r["variant"],
+        )
     ax.axhline(rows[0]["teacher_metric"], color="grey", lw=1, ls=":", label="teacher")
     if rows[0]["metric"] == "perplexity":
         ax.set_yscale("log")

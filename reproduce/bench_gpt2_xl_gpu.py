@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     slices = make_slices(student)
     tokens = batch * seq
     ids = torch.randint(0, teacher.config.vocab_size, (batch, seq), device=device)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )  # fmt: skip
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     parts = [SliceModule(student, s) for s in slices]
     params = factor_parameters(parts)
     for p in params:
@@ -148,15 +146,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     serial_min = n * PAPER_TOKENS / tokens * (slice_s + teacher_s / 2) / 60
     stream_min = PAPER_TOKENS / tokens * stream_s / 60
     rows = [
-        {"measure": "slice (one MPO MLP step)", "tokens_per_s": round(tokens / slice_s), "step_ms": slice_s * 1e3,
-         "peak_mem_gib": measured["slice"][1], "implied_min": serial_min, "paper_min": PAPER_SERIAL_MIN,
-         "speedup_vs_paper": (tokens / slice_s) / PAPER_SLICE_TOKENS_S},
-        {"measure": "teacher forward (to the last MLP)", "tokens_per_s": round(tokens / teacher_s),
-         "step_ms": teacher_s * 1e3, "peak_mem_gib": measured["teacher"][1]},
-        {"measure": f"stream ({n} slices a step)", "tokens_per_s": round(tokens / stream_s), "step_ms": stream_s * 1e3,
-         "peak_mem_gib": measured["stream"][1], "implied_min": stream_min, "paper_min": PAPER_SERIAL_MIN,
-         "speedup_vs_paper": PAPER_SERIAL_MIN / stream_min},
-    ]  # fmt: skip
+        {
+            "measure": "slice (one MPO MLP step)",
+            "tokens_per_s": round(tokens / slice_s),
+            "step_ms": slice_s * 1e3,
+            "peak_mem_gib": measured["slice"][1],
+            "implied_min": serial_min,
+            "paper_min": PAPER_SERIAL_MIN,
+            "speedup_vs_paper": (tokens / slice_s) / PAPER_SLICE_TOKENS_S,
+        },
+        {
+            "measure": "teacher forward (to the last MLP)",
+            "tokens_per_s": round(tokens / teacher_s),
+            "step_ms": teacher_s * 1e3,
+            "peak_mem_gib": measured["teacher"][1],
+        },
+        {
+            "measure": f"stream ({n} slices a step)",
+            "tokens_per_s": round(tokens / stream_s),
+            "step_ms": stream_s * 1e3,
+            "peak_mem_gib": measured["stream"][1],
+            "implied_min": stream_min,
+            "paper_min": PAPER_SERIAL_MIN,
+            "speedup_vs_paper": PAPER_SERIAL_MIN / stream_min,
+        },
+    ]
     for row in rows:
         for key, value in row.items():
             if isinstance(value, float):
@@ -164,11 +178,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_csv(out / "bench_gpt2_xl_gpu.csv", rows, FIELDS)
     name = "GPT-2 XL" if not args.quick else "a 4-layer width-256 GPT-2 (--quick)"
-    lines = [f"# Slice-wise training speed: {name}, MLPs as two-site MPOs at CR 0.48, {batch} x {seq} tokens a batch",
-             "", f"Written by reproduce/bench_gpt2_xl_gpu.py on {device}; implied minutes are for the paper's "
-             f"{PAPER_TOKENS / 1e6:.1f}M tokens (serial: {n} slices one after another; stream: one pass). The "
-             f"paper: about {PAPER_SLICE_TOKENS_S // 1000}k tokens/s per slice, {PAPER_SERIAL_MIN} min serially, "
-             f"{PAPER_48GPU_MIN} min on 48 GPUs.", ""]  # fmt: skip
+    lines = [
+        f"# Slice-wise training speed: {name}, MLPs as two-site MPOs at CR 0.48, {batch} x {seq} tokens a batch",
+        "",
+        f"Written by reproduce/bench_gpt2_xl_gpu.py on {device}; implied minutes are for the paper's "
+        f"{PAPER_TOKENS / 1e6:.1f}M tokens (serial: {n} slices one after another; stream: one pass). The "
+        f"paper: about {PAPER_SLICE_TOKENS_S // 1000}k tokens/s per slice, {PAPER_SERIAL_MIN} min serially, "
+        f"{PAPER_48GPU_MIN} min on 48 GPUs.",
+        "",
+    ]
     lines += markdown_table(FIELDS, ([r.get(f, "") for f in FIELDS] for r in rows))
     atomic_text(out / "bench_gpt2_xl_gpu.md", "\n".join(lines) + "\n")
     write_provenance(

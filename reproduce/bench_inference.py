@@ -41,9 +41,24 @@ from tnlit.layers import TensorizedLayer
 from tnlit.markdown import markdown_table
 from tnlit.provenance import write_provenance
 
-COLUMNS = ["model", "whole_cr", "variant", "layer_cr", "params", "params_ratio", "disk_mb", "memory_mb",
-           "prefill_tok_s", "prefill_ratio", "decode_tok_s", "decode_ratio", "flops_ratio_b1", "decode_paths",
-           "device", "threads"]  # fmt: skip
+COLUMNS = [
+    "model",
+    "whole_cr",
+    "variant",
+    "layer_cr",
+    "params",
+    "params_ratio",
+    "disk_mb",
+    "memory_mb",
+    "prefill_tok_s",
+    "prefill_ratio",
+    "decode_tok_s",
+    "decode_ratio",
+    "flops_ratio_b1",
+    "decode_paths",
+    "device",
+    "threads",
+]
 MLP = {"gpt2": r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", "llama": r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj"}
 
 
@@ -108,8 +123,7 @@ def decode(model: nn.Module, new: int, device: str, repeats: int) -> float:
     x = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
     kw = {"do_sample": False, "use_cache": True, "pad_token_id": 0}
     model.generate(x, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
-    return new / _best_seconds(lambda: model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw), device,
-                                 repeats)  # fmt: skip
+    return new / _best_seconds(lambda: model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw), device, repeats)
 
 
 def _best_seconds(fn: Any, device: str, repeats: int) -> float:
@@ -146,9 +160,14 @@ def measure(model: nn.Module, args: argparse.Namespace, inference: bool) -> dict
         memory = torch.cuda.max_memory_allocated()
     paths = [m.strategy(1) for m in model.modules() if isinstance(m, TensorizedLayer)]
     model.to("cpu")
-    return {"params": sum(p.numel() for p in model.parameters()), "disk_mb": disk / 2**20, "memory_mb": memory / 2**20,
-            "prefill_tok_s": pre, "decode_tok_s": dec,
-            "decode_paths": " ".join(f"{p}:{paths.count(p)}" for p in sorted(set(paths)))}  # fmt: skip
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "disk_mb": disk / 2**20,
+        "memory_mb": memory / 2**20,
+        "prefill_tok_s": pre,
+        "decode_tok_s": dec,
+        "decode_paths": " ".join(f"{p}:{paths.count(p)}" for p in sorted(set(paths))),
+    }
 
 
 def variants(teacher: nn.Module, pattern: str, cr: float, flops_weight: float) -> list[tuple[str, Any, bool]]:
@@ -175,8 +194,19 @@ def bench_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]])
     pattern = mlp_pattern(teacher)
     base = measure(teacher, args, inference=False)
     common = {"model": name, "device": args.device, "threads": torch.get_num_threads()}
-    rows.append({**common, "whole_cr": 0.0, "variant": "teacher", "layer_cr": 0.0, **base, "params_ratio": 1.0,
-                 "prefill_ratio": 1.0, "decode_ratio": 1.0, "flops_ratio_b1": 1.0})  # fmt: skip
+    rows.append(
+        {
+            **common,
+            "whole_cr": 0.0,
+            "variant": "teacher",
+            "layer_cr": 0.0,
+            **base,
+            "params_ratio": 1.0,
+            "prefill_ratio": 1.0,
+            "decode_ratio": 1.0,
+            "flops_ratio_b1": 1.0,
+        }
+    )
     teacher_row = rows[-1]
     print(teacher_row, file=sys.stderr)
     for whole in args.crs:
@@ -186,10 +216,19 @@ def bench_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             for key in ("prefill_tok_s", "decode_tok_s"):
                 teacher_row[key] = max(teacher_row[key], ref[key])
             got = measure(student, args, inference)
-            rows.append({**common, "whole_cr": whole, "variant": variant, "layer_cr": cr, **got,
-                         "params_ratio": got["params"] / base["params"], "flops_ratio_b1": flops,
-                         "prefill_ratio": got["prefill_tok_s"] / ref["prefill_tok_s"],
-                         "decode_ratio": got["decode_tok_s"] / ref["decode_tok_s"]})  # fmt: skip
+            rows.append(
+                {
+                    **common,
+                    "whole_cr": whole,
+                    "variant": variant,
+                    "layer_cr": cr,
+                    **got,
+                    "params_ratio": got["params"] / base["params"],
+                    "flops_ratio_b1": flops,
+                    "prefill_ratio": got["prefill_tok_s"] / ref["prefill_tok_s"],
+                    "decode_ratio": got["decode_tok_s"] / ref["decode_tok_s"],
+                }
+            )
             print(rows[-1], file=sys.stderr)
             write_tables(rows, args)
 
@@ -200,7 +239,8 @@ def write_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
     atomic_csv(out / "bench_inference.csv", rounded, COLUMNS)
     lines = [
-        "# Inference: teacher and students side by side (reproduce/bench_inference.py)", "",
+        "# Inference: teacher and students side by side (reproduce/bench_inference.py)",
+        "",
         f"Device {args.device}, {torch.get_num_threads()} threads, prefill {args.prefill_tokens} tokens, decode "
         f"{args.new_tokens} new tokens (greedy, batch 1, KV cache), best of {args.repeats}. Ratios are to the "
         "teacher measured right before each student (paired: a changing load skews no ratio); the teacher row is its "
@@ -208,17 +248,47 @@ def write_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "only. Perplexity of a trained student is not measured here. memory_mb: parameters, buffers and "
         "cached dense weights (peak allocated on CUDA). flops_ratio_b1: mean over the tensorized layers of the "
         "factor-by-factor FLOPs over the dense layer's at one token; above 1, inference_mode runs the layer from its "
-        "cached dense weight (decode_paths counts the layers' paths at one token).", "",
-    ]  # fmt: skip
-    header = ("model", "whole CR", "variant", "layer CR", "params", "params ratio", "disk MB", "memory MB",
-              "prefill tok/s", "prefill ratio", "decode tok/s", "decode ratio", "FLOPs/dense b1", "decode paths")
-    lines += markdown_table(header, (
-        [r["model"], f"{r['whole_cr']:.2f}", r["variant"], f"{r['layer_cr']:.3f}", f"{r['params']:,}",
-         f"{r['params_ratio']:.3f}", f"{r['disk_mb']:.1f}", f"{r['memory_mb']:.1f}", f"{r['prefill_tok_s']:.0f}",
-         f"{r['prefill_ratio']:.2f}", f"{r['decode_tok_s']:.1f}", f"{r['decode_ratio']:.2f}",
-         f"{r['flops_ratio_b1']:.2f}", r.get("decode_paths", "")]
-        for r in rows
-    ))  # fmt: skip
+        "cached dense weight (decode_paths counts the layers' paths at one token).",
+        "",
+    ]
+    header = (
+        "model",
+        "whole CR",
+        "variant",
+        "layer CR",
+        "params",
+        "params ratio",
+        "disk MB",
+        "memory MB",
+        "prefill tok/s",
+        "prefill ratio",
+        "decode tok/s",
+        "decode ratio",
+        "FLOPs/dense b1",
+        "decode paths",
+    )
+    lines += markdown_table(
+        header,
+        (
+            [
+                r["model"],
+                f"{r['whole_cr']:.2f}",
+                r["variant"],
+                f"{r['layer_cr']:.3f}",
+                f"{r['params']:,}",
+                f"{r['params_ratio']:.3f}",
+                f"{r['disk_mb']:.1f}",
+                f"{r['memory_mb']:.1f}",
+                f"{r['prefill_tok_s']:.0f}",
+                f"{r['prefill_ratio']:.2f}",
+                f"{r['decode_tok_s']:.1f}",
+                f"{r['decode_ratio']:.2f}",
+                f"{r['flops_ratio_b1']:.2f}",
+                r.get("decode_paths", ""),
+            ]
+            for r in rows
+        ),
+    )
     atomic_text(out / "bench_inference.md", "\n".join(lines) + "\n")
 
 

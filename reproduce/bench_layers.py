@@ -188,9 +188,15 @@ def build_tucker(case: Case) -> Modules:
     conv = {"stride": case.stride, "padding": 1, "bias": False}
     ours = TuckerConv2d(case.d_in, case.d_out, 3, (r_out, r_in), **conv)
     theirs = tltorch.FactorizedConv(
-        case.d_in, case.d_out, 3, order=2, factorization="tucker", rank=(r_out, r_in, 3, 3),
-        implementation="factorized", **conv,
-    )  # fmt: skip
+        case.d_in,
+        case.d_out,
+        3,
+        order=2,
+        factorization="tucker",
+        rank=(r_out, r_in, 3, 3),
+        implementation="factorized",
+        **conv,
+    )
     theirs.reset_parameters()  # tltorch leaves the factors uninitialised (torch.empty)
     layer = f"TuckerConv2d {case.d_in}->{case.d_out} s{case.stride} @{case.hw}x{case.hw} ranks={(r_out, r_in)}"
     return Modules(nn.Conv2d(case.d_in, case.d_out, 3, **conv), ours, theirs, layer, factor_params(theirs))
@@ -382,14 +388,27 @@ def time_variants(
 # ----------------------------------------------------------------------------------------------- rows
 
 COLUMNS = (
-    "case", "layer", "shape", "batch", "params_dense", "params_ours", "params_tltorch",
-    "auto_strategy", "flops_factors", "flops_dense", "skipped",
+    "case",
+    "layer",
+    "shape",
+    "batch",
+    "params_dense",
+    "params_ours",
+    "params_tltorch",
+    "auto_strategy",
+    "flops_factors",
+    "flops_dense",
+    "skipped",
     *(f"{v}_{m}_ms" for m in MODES for v in VARIANTS),
-    "auto_vs_dense_fwd", "auto_vs_dense_fwdbwd",
-    "auto_vs_best_fwd", "auto_vs_best_fwdbwd",
-    "chosen_vs_best_fwd", "chosen_vs_best_fwdbwd",
-    "auto_vs_tltorch_fwd", "auto_vs_tltorch_fwdbwd",
-)  # fmt: skip
+    "auto_vs_dense_fwd",
+    "auto_vs_dense_fwdbwd",
+    "auto_vs_best_fwd",
+    "auto_vs_best_fwdbwd",
+    "chosen_vs_best_fwd",
+    "chosen_vs_best_fwdbwd",
+    "auto_vs_tltorch_fwd",
+    "auto_vs_tltorch_fwdbwd",
+)
 
 
 def ratios(times: dict[str, float], chosen: str) -> dict[str, float]:
@@ -427,12 +446,20 @@ def run_case(case: Case, device: torch.device, dtype: str, plan: TimingPlan, ski
         skip = variants_to_skip(chosen, flops_factors, flops_dense, skip_ratio)
         times = time_variants(mods, x, device, dtype, plan, tuple(skip))
         row = {
-            "case": case.name, "layer": mods.layer, "shape": shape_of(case), "batch": batch,
-            "params_dense": factor_params(mods.dense), "params_ours": mods.ours.num_params(),
-            "params_tltorch": mods.params_tltorch, "auto_strategy": chosen,
-            "flops_factors": flops_factors, "flops_dense": flops_dense, "skipped": "; ".join(skip.values()),
-            **times, **ratios(times, chosen),
-        }  # fmt: skip
+            "case": case.name,
+            "layer": mods.layer,
+            "shape": shape_of(case),
+            "batch": batch,
+            "params_dense": factor_params(mods.dense),
+            "params_ours": mods.ours.num_params(),
+            "params_tltorch": mods.params_tltorch,
+            "auto_strategy": chosen,
+            "flops_factors": flops_factors,
+            "flops_dense": flops_dense,
+            "skipped": "; ".join(skip.values()),
+            **times,
+            **ratios(times, chosen),
+        }
         rows.append(row)
         log_row(row)
     del mods
@@ -617,10 +644,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run the layers")
     p.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
         help="compute dtype; bfloat16 runs the forward under torch.autocast (parameters stay float32). Meant for "
         "CUDA: a CPU without native bf16 matmul (AVX512-BF16 / AMX) runs it some 100x slower than float32",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -628,34 +657,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=11, help="most timed calls per measurement (the median is kept)")
     p.add_argument(
-        "--min-repeats", type=int, default=3,
+        "--min-repeats",
+        type=int,
+        default=3,
         help="fewest timed calls per measurement, even when one call exceeds --budget-s",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--budget-s", type=float, default=1.5,
+        "--budget-s",
+        type=float,
+        default=1.5,
         help="seconds per measurement after which timing stops (once --min-repeats calls are done)",
-    )  # fmt: skip
+    )
     p.add_argument("--warmup", type=int, default=3, help="most untimed warm-up calls before each measurement")
     p.add_argument(
         "--warmup-s", type=float, default=0.5, help="seconds after which warm-up stops (at least one call is made)"
     )
     p.add_argument(
-        "--skip-ratio", type=float, default=4.0,
+        "--skip-ratio",
+        type=float,
+        default=4.0,
         help="skip timing a forced strategy whose modelled FLOPs (layer._costs) exceed this many times the other's; "
         "0 times everything",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--only", action="append", metavar="SUBSTRING",
+        "--only",
+        action="append",
+        metavar="SUBSTRING",
         help="time only the cases whose name contains SUBSTRING (repeatable; e.g. 'lowrank', 'conv3_x')",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--tokens", type=batch_list, metavar="N,N,...",
+        "--tokens",
+        type=batch_list,
+        metavar="N,N,...",
         help="batch sizes (tokens) for every linear case instead of the built-in ones, e.g. 4,8,16,32",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--images", type=batch_list, metavar="N,N,...",
+        "--images",
+        type=batch_list,
+        metavar="N,N,...",
         help="batch sizes (images) for every convolution case instead of the built-in ones",
-    )  # fmt: skip
+    )
     p.add_argument("--out", default="results", help="folder for bench_layers.{csv,md,provenance.json}")
     args = p.parse_args(argv)
     if args.quick:

@@ -62,8 +62,18 @@ class _Images(Dataset):
         return self.images[index], self.labels[index]
 
 
-def measure(phase: str, batch: int, plan: TensorizePlan, *, width: int, steps: int, warmup: int, device: str,
-            precision: str | None, granularity: str = "block") -> dict[str, Any]:  # fmt: skip
+def measure(
+    phase: str,
+    batch: int,
+    plan: TensorizePlan,
+    *,
+    width: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    precision: str | None,
+    granularity: str = "block",
+) -> dict[str, Any]:
     """Median seconds per training step and images/s of one phase (``slicewise`` or ``global``)."""
     torch.manual_seed(0)
     teacher = cifar_resnet34(num_classes=10, width=width).eval()
@@ -73,25 +83,44 @@ def measure(phase: str, batch: int, plan: TensorizePlan, *, width: int, steps: i
         module = SliceDistillation(teacher, student, slices, lr=1e-3)
     else:
         module = GlobalFinetune(student, task="classification", lr=5e-4)
-    loader = DataLoader(_Images(batch * (steps + warmup), 10), batch_size=batch, shuffle=True,
-                        pin_memory=device == "gpu", drop_last=True)  # fmt: skip
+    loader = DataLoader(
+        _Images(batch * (steps + warmup), 10),
+        batch_size=batch,
+        shuffle=True,
+        pin_memory=device == "gpu",
+        drop_last=True,
+    )
     quiet_lightning()  # no cloud-logger advert at every Trainer
     timer = OptimisationTimer()
     trainer = Trainer(
-        max_epochs=1, accelerator=device, devices=1, precision=precision, logger=False, callbacks=[timer],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        max_epochs=1,
+        accelerator=device,
+        devices=1,
+        precision=precision,
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         limit_val_batches=0,
-    )  # fmt: skip
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(eval mode|LeafSpec|num_workers|logging interval).*")
         trainer.fit(module, train_dataloaders=loader)
     counted = timer.seconds[warmup:]
     step_s = statistics.median(counted)
     return {
-        "phase": phase, "batch": batch, "cr": plan.rules[0].cr, "model_cr": round(report.compression_rate, 4),
-        "width": width, "precision": precision or "32", "steps": len(counted), "step_ms": round(1000 * step_s, 3),
+        "phase": phase,
+        "batch": batch,
+        "cr": plan.rules[0].cr,
+        "model_cr": round(report.compression_rate, 4),
+        "width": width,
+        "precision": precision or "32",
+        "steps": len(counted),
+        "step_ms": round(1000 * step_s, 3),
         "images_per_s": round(batch / step_s, 1),
-    }  # fmt: skip
+    }
 
 
 def table_rows(configs: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -114,8 +143,11 @@ def phases(config: dict[str, Any]) -> list[tuple[str, int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--configs", type=Path, default=ROOT / "configs/resnet34", help="the table's configs")
     parser.add_argument("--device", default="auto", help="Lightning accelerator: auto, gpu or cpu")
     parser.add_argument("--precision", default=None, help="Lightning precision (default float32, as the configs)")
@@ -142,11 +174,22 @@ def main(argv: list[str] | None = None) -> int:
             needed.setdefault((phase, batch, plan.rules[0].cr), plan)
     measured = {}
     for i, ((phase, batch, cr), plan) in enumerate(sorted(needed.items(), key=lambda kv: kv[0]), 1):
-        result = measure(phase, batch, plan, width=args.width, steps=args.steps, warmup=args.warmup, device=device,
-                         precision=args.precision)  # fmt: skip
+        result = measure(
+            phase,
+            batch,
+            plan,
+            width=args.width,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=device,
+            precision=args.precision,
+        )
         measured[(phase, batch, cr)] = result
-        print(f"[{i}/{len(needed)}] {phase} batch {batch} CR {cr}: {result['images_per_s']} images/s "
-              f"({result['step_ms']} ms/step)", flush=True)  # fmt: skip
+        print(
+            f"[{i}/{len(needed)}] {phase} batch {batch} CR {cr}: {result['images_per_s']} images/s "
+            f"({result['step_ms']} ms/step)",
+            flush=True,
+        )
 
     paper = {r["config"]: r for r in csv.DictReader(PAPER.open())}
     implied = []
@@ -154,13 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         cr = config["plan"]["rules"][0]["cr"]
         images = config["data"]["init_args"].get("train_size") or TRAIN_IMAGES
         parts = [(p, e * images / measured[(p, b, cr)]["images_per_s"]) for p, b, e in phases(config)]
-        implied.append({
-            "config": key, "method": config["method"], "cr": cr, "train_images": images,
-            "epochs": "+".join(str(e) for _, _, e in phases(config)),
-            "implied_min": round(sum(s for _, s in parts) / 60, 2),
-            "per_epoch_min": "+".join(f"{s / e / 60:.2f}" for (_, s), (_, _, e) in zip(parts, phases(config))),
-            "paper_time_min": paper.get(key, {}).get("paper_time_min", ""),
-        })  # fmt: skip
+        implied.append(
+            {
+                "config": key,
+                "method": config["method"],
+                "cr": cr,
+                "train_images": images,
+                "epochs": "+".join(str(e) for _, _, e in phases(config)),
+                "implied_min": round(sum(s for _, s in parts) / 60, 2),
+                "per_epoch_min": "+".join(f"{s / e / 60:.2f}" for (_, s), (_, _, e) in zip(parts, phases(config))),
+                "paper_time_min": paper.get(key, {}).get("paper_time_min", ""),
+            }
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     throughput = list(measured.values())
@@ -170,20 +218,30 @@ def main(argv: list[str] | None = None) -> int:
 
     facts = provenance()
     md = [
-        "# CIFAR ResNet-34 training throughput and the implied time of each table row", "",
+        "# CIFAR ResNet-34 training throughput and the implied time of each table row",
+        "",
         f"Device: {facts['device']}; precision {args.precision or 'float32'}; width {args.width}; median of "
         f"{args.steps} steps after {args.warmup}. Written by `python reproduce/bench_resnet34_gpu.py"
-        f"{' --quick' if args.quick else ''}`." + (" QUICK CHECK: not a benchmark." if args.quick else ""), "",
-        *markdown_table(("phase", "batch", "CR", "images/s", "ms/step"),
-                        ([r["phase"], r["batch"], r["cr"], r["images_per_s"], r["step_ms"]] for r in throughput)),
-        "", "Implied optimisation time of each row (epochs x images / images/s; evaluation excluded):", "",
-        *markdown_table(("config", "epochs", "implied (min)", "per epoch (min)", "paper (min, A10G)"),
-                        ([r["config"], r["epochs"], r["implied_min"], r["per_epoch_min"], r["paper_time_min"]]
-                         for r in implied), empty="-"),
-    ]  # fmt: skip
+        f"{' --quick' if args.quick else ''}`." + (" QUICK CHECK: not a benchmark." if args.quick else ""),
+        "",
+        *markdown_table(
+            ("phase", "batch", "CR", "images/s", "ms/step"),
+            ([r["phase"], r["batch"], r["cr"], r["images_per_s"], r["step_ms"]] for r in throughput),
+        ),
+        "",
+        "Implied optimisation time of each row (epochs x images / images/s; evaluation excluded):",
+        "",
+        *markdown_table(
+            ("config", "epochs", "implied (min)", "per epoch (min)", "paper (min, A10G)"),
+            ([r["config"], r["epochs"], r["implied_min"], r["per_epoch_min"], r["paper_time_min"]] for r in implied),
+            empty="-",
+        ),
+    ]
     atomic_text(out / "bench_resnet34_gpu.md", "\n".join(md) + "\n")
-    write_provenance(out / "bench_resnet34_gpu.provenance.json",
-                     {"args": {k: str(v) for k, v in vars(args).items()}, "device": device})  # fmt: skip
+    write_provenance(
+        out / "bench_resnet34_gpu.provenance.json",
+        {"args": {k: str(v) for k, v in vars(args).items()}, "device": device},
+    )
     print(f"wrote {out}/bench_resnet34_gpu.{{csv,md}}, _rows.csv, .provenance.json")
     return 0
 

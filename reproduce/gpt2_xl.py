@@ -70,8 +70,21 @@ def run_distributed(config: Path, nproc: int, run_dir: Path) -> dict[str, Any] |
     """The slice-wise config under ``torchrun --nproc_per_node nproc`` in ``run_dir``; its state, or None when the
     job failed (its log says why: ``run_dir.log``)."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(nproc), "-m", "tnlit.cli", "compress",
-           "--config", str(config), "--run_dir", str(run_dir), "--progress", "false"]  # fmt: skip
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "tnlit.cli",
+        "compress",
+        "--config",
+        str(config),
+        "--run_dir",
+        str(run_dir),
+        "--progress",
+        "false",
+    ]
     print("\n" + " ".join(cmd), flush=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.with_suffix(".log")
@@ -84,9 +97,15 @@ def run_distributed(config: Path, nproc: int, run_dir: Path) -> dict[str, Any] |
 
 
 def c4_perplexity(
-    model: Any, tokenizer: Any, *, dataset: str = "allenai/c4", data_files: str = C4_FILE, sequences: int = 256,
-    seq_len: int = 1024, device: str = "cpu",
-) -> float:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    *,
+    dataset: str = "allenai/c4",
+    data_files: str = C4_FILE,
+    sequences: int = 256,
+    seq_len: int = 1024,
+    device: str = "cpu",
+) -> float:
     """Token perplexity on C4's validation text (the paper's protocol is UNKNOWN; ours): its documents in file order,
     each followed by EOS, concatenated and cut into ``sequences`` non-overlapping windows of ``seq_len`` tokens.
     Only ``data_files`` (one of C4's 8 validation shards) is downloaded, never the 305 GB train split."""
@@ -175,9 +194,13 @@ def tables(
     times = []
     for run, gpus in (("global", 1), ("slicewise", 1), ("serial", 1), ("distributed", nproc)):
         state = states.get(f"x{nproc}" if run == "distributed" else run)
-        row = {"run": run, "gpus": gpus if gpus > 1 or run != "distributed" else "",
-               "status": "done" if state else "not run", "optimisation_min": minutes(state, "optimisation_s"),
-               "wall_min": minutes(state, "wall_s")}  # fmt: skip
+        row = {
+            "run": run,
+            "gpus": gpus if gpus > 1 or run != "distributed" else "",
+            "status": "done" if state else "not run",
+            "optimisation_min": minutes(state, "optimisation_s"),
+            "wall_min": minutes(state, "wall_s"),
+        }
         if state is not None and "distributed" in state:
             row["slowest_rank_min"] = round(state["distributed"]["optimisation_s"] / 60, 2)
         row["paper_min"] = paper_time.get(row["run"], "")
@@ -186,14 +209,25 @@ def tables(
         times.append(row)
     atomic_csv(results / "gpt2_xl_time.csv", times, TIME_FIELDS, extrasaction="ignore")
 
-    lines = ["# GPT-2 XL, MLPs as two-site MPOs at per-matrix CR 0.48 (whole-model CR 0.30)", "",
-             "Written by reproduce/gpt2_xl.py. Ours beside the paper's (`paper_*`, PAPER.md section 1). LAMBADA "
-             "accuracy in %; empty cells: not run.", ""]  # fmt: skip
-    lines += markdown_table(("benchmark", "metric", "dense", "slice-wise", "global", "paper dense", "paper slice-wise",
-                             "paper global"), ([r.get(f, "") for f in fields] for r in rows))  # fmt: skip
-    lines += ["", "## Optimisation time (minutes: forward + backward + step, as the paper counts)", "",
-              "The paper's distributed run used 48 GPUs (one slice each); ours uses the GPUs in the `gpus` column. "
-              "`slowest_rank_min` is the job's time (its slowest rank's); `optimisation_min` sums every rank.", ""]
+    lines = [
+        "# GPT-2 XL, MLPs as two-site MPOs at per-matrix CR 0.48 (whole-model CR 0.30)",
+        "",
+        "Written by reproduce/gpt2_xl.py. Ours beside the paper's (`paper_*`, PAPER.md section 1). LAMBADA "
+        "accuracy in %; empty cells: not run.",
+        "",
+    ]
+    lines += markdown_table(
+        ("benchmark", "metric", "dense", "slice-wise", "global", "paper dense", "paper slice-wise", "paper global"),
+        ([r.get(f, "") for f in fields] for r in rows),
+    )
+    lines += [
+        "",
+        "## Optimisation time (minutes: forward + backward + step, as the paper counts)",
+        "",
+        "The paper's distributed run used 48 GPUs (one slice each); ours uses the GPUs in the `gpus` column. "
+        "`slowest_rank_min` is the job's time (its slowest rank's); `optimisation_min` sums every rank.",
+        "",
+    ]
     lines += markdown_table(TIME_FIELDS, ([r.get(f, "") for f in TIME_FIELDS] for r in times))
     markdown = "\n".join(lines) + "\n"
     atomic_text(results / "gpt2_xl.md", markdown)
@@ -226,16 +260,33 @@ def smoke_configs(out: Path) -> Path:
             path.write_text(doc, encoding="utf-8")
         files.append(str(path))
     teacher_dir = out / "teacher"
-    data_args = {"tokenizer": str(teacher_dir), "data_files": files, "cache_dir": str(out / "tokens"),
-                 "seq_len": 64, "batch_size": 8, "train_sequences": 128, "eval_sequences": 16, "val_fraction": 0.05,
-                 "seed": 0}  # fmt: skip
+    data_args = {
+        "tokenizer": str(teacher_dir),
+        "data_files": files,
+        "cache_dir": str(out / "tokens"),
+        "seq_len": 64,
+        "batch_size": 8,
+        "train_sequences": 128,
+        "eval_sequences": 16,
+        "val_fraction": 0.05,
+        "seed": 0,
+    }
     if not (teacher_dir / "model.safetensors").exists():
         word_level_tokenizer(docs, teacher_dir)
         tokenizer = load_tokenizer(str(teacher_dir))
         torch.manual_seed(0)
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=len(tokenizer),
-                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        config = GPT2Config(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         teacher = GPT2LMHeadModel(config)
         data = TokenizedTextDataModule(**{**data_args, "train_sequences": 8 * 150})
         data.prepare_data()
@@ -300,9 +351,14 @@ def main(argv: list[str] | None = None) -> str:
     from tnlit.provenance import write_provenance
 
     configs = {str(p): p.read_text() for p in config_of.values() if p.exists()}
-    write_provenance(args.results / "gpt2_xl.provenance.json",
-                     {"argv": sys.argv if argv is None else argv, "configs": configs,
-                      "total_s": round(time.perf_counter() - started, 1)})  # fmt: skip
+    write_provenance(
+        args.results / "gpt2_xl.provenance.json",
+        {
+            "argv": sys.argv if argv is None else argv,
+            "configs": configs,
+            "total_s": round(time.perf_counter() - started, 1),
+        },
+    )
     print("\n" + markdown)
     return markdown
 

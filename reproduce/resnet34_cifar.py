@@ -47,9 +47,23 @@ SMOKE = Path("runs/resnet34_smoke")
 # Smoke sizes: the paper's 10k / 30k / 50k become 20 / 40 / all of the 100 made train images.
 SMOKE_TRAIN_SIZES = {10000: 20, 30000: 40}
 FIELDS = [
-    "config", "dataset", "cr", "method", "train_images", "status", "compression_rate", "teacher_top1", "init_top1",
-    "final_top1", "best_top1", "time_to_best_min", "optimisation_min", "wall_min", "paper_top1", "paper_time_min",
-]  # fmt: skip
+    "config",
+    "dataset",
+    "cr",
+    "method",
+    "train_images",
+    "status",
+    "compression_rate",
+    "teacher_top1",
+    "init_top1",
+    "final_top1",
+    "best_top1",
+    "time_to_best_min",
+    "optimisation_min",
+    "wall_min",
+    "paper_top1",
+    "paper_time_min",
+]
 
 
 def paper_numbers() -> dict[str, dict[str, str]]:
@@ -98,8 +112,13 @@ def smoke_configs(configs: Path, out: Path) -> Path:
             if path.name == "teacher.yaml":
                 continue
             config = yaml.safe_load(path.read_text())
-            config.update(teacher=narrow, teacher_weights=str(out / dataset / "teacher.safetensors"),
-                          run_dir=str(out / dataset / path.stem), accelerator="cpu", precision=None)  # fmt: skip
+            config.update(
+                teacher=narrow,
+                teacher_weights=str(out / dataset / "teacher.safetensors"),
+                run_dir=str(out / dataset / path.stem),
+                accelerator="cpu",
+                precision=None,
+            )
             size = config["data"]["init_args"].get("train_size")
             config["data"]["init_args"].update(root=str(data), num_workers=0, train_size=SMOKE_TRAIN_SIZES.get(size))
             for phase in ("slicewise", "finetune"):
@@ -152,8 +171,9 @@ def train_teachers(configs: Path, datasets: list[str], gpus: list[str], logs: Pa
         for config, out in targets.values():
             train_teacher(config, out, progress=False)
         return {d: 0 for d in datasets}
-    jobs = [(f"{d}/teacher", [sys.executable, __file__, "--train-teacher", str(c), str(o)]) for d, (c, o) in
-            targets.items()]  # fmt: skip
+    jobs = [
+        (f"{d}/teacher", [sys.executable, __file__, "--train-teacher", str(c), str(o)]) for d, (c, o) in targets.items()
+    ]
     return run_jobs(jobs, gpus, logs)
 
 
@@ -188,10 +208,14 @@ def result_rows(runs: list[tuple[str, Path]], status: dict[str, int]) -> list[di
         config = yaml.safe_load(path.read_text())
         ref = paper.get(key, {})
         row: dict[str, Any] = {
-            "config": key, "dataset": key.split("/")[0], "cr": config["plan"]["rules"][0].get("cr"),
-            "method": config["method"], "train_images": ref.get("train_images", ""),
-            "paper_top1": ref.get("paper_top1", ""), "paper_time_min": ref.get("paper_time_min", ""),
-        }  # fmt: skip
+            "config": key,
+            "dataset": key.split("/")[0],
+            "cr": config["plan"]["rules"][0].get("cr"),
+            "method": config["method"],
+            "train_images": ref.get("train_images", ""),
+            "paper_top1": ref.get("paper_top1", ""),
+            "paper_time_min": ref.get("paper_time_min", ""),
+        }
         state_file = Path(config["run_dir"]) / "state.json"
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
         if stale(config):
@@ -202,14 +226,20 @@ def result_rows(runs: list[tuple[str, Path]], status: dict[str, int]) -> list[di
             continue
         ours = result_row(path, state)  # the quickstart's row: best metric, time to best, optimisation and wall time
         rows.append(
-            row | {
-                "status": "done", "compression_rate": ours["compression_rate"], "teacher_top1": ours["teacher_metric"],
-                "init_top1": ours["init_metric"], "final_top1": ours["final_metric"], "best_top1": ours["best_metric"],
+            row
+            | {
+                "status": "done",
+                "compression_rate": ours["compression_rate"],
+                "teacher_top1": ours["teacher_metric"],
+                "init_top1": ours["init_metric"],
+                "final_top1": ours["final_metric"],
+                "best_top1": ours["best_metric"],
                 "time_to_best_min": round(ours["time_to_best_s"] / 60, 2),
-                "optimisation_min": round(ours["optimisation_s"] / 60, 2), "wall_min": round(ours["wall_s"] / 60, 2),
+                "optimisation_min": round(ours["optimisation_s"] / 60, 2),
+                "wall_min": round(ours["wall_s"] / 60, 2),
                 "curve": ours["curve"],
             }
-        )  # fmt: skip
+        )
     return rows
 
 
@@ -238,8 +268,11 @@ def warn_stale(runs: list[tuple[str, Path]]) -> None:
     for key, path in runs:
         config = yaml.safe_load(path.read_text())
         if stale(config):
-            print(f"warning: {key}: {config['run_dir']} predates {config['teacher_weights']}: delete it to run this "
-                  "row on the new teacher; it is left out of the table", flush=True)  # fmt: skip
+            print(
+                f"warning: {key}: {config['run_dir']} predates {config['teacher_weights']}: delete it to run this "
+                "row on the new teacher; it is left out of the table",
+                flush=True,
+            )
 
 
 def markdown(rows: list[dict[str, Any]], note: str) -> str:
@@ -249,12 +282,37 @@ def markdown(rows: list[dict[str, Any]], note: str) -> str:
         group = [r for r in rows if r["dataset"] == dataset]
         teacher = next((r["teacher_top1"] for r in group if r.get("teacher_top1") is not None), "-")
         lines += [
-            f"## {dataset} (teacher top-1: ours {teacher}, paper {paper[f'{dataset}/teacher']['paper_top1']})", "",
-        ]  # fmt: skip
-        cells = ("cr", "method", "train_images", "compression_rate", "init_top1", "final_top1", "best_top1",
-                 "paper_top1", "time_to_best_min", "optimisation_min", "paper_time_min", "status")  # fmt: skip
-        header = ("CR", "method", "train images", "CR (model)", "top-1 start", "top-1 final", "top-1 best",
-                  "paper top-1", "to best (min)", "optimisation (min)", "paper time (min)", "status")  # fmt: skip
+            f"## {dataset} (teacher top-1: ours {teacher}, paper {paper[f'{dataset}/teacher']['paper_top1']})",
+            "",
+        ]
+        cells = (
+            "cr",
+            "method",
+            "train_images",
+            "compression_rate",
+            "init_top1",
+            "final_top1",
+            "best_top1",
+            "paper_top1",
+            "time_to_best_min",
+            "optimisation_min",
+            "paper_time_min",
+            "status",
+        )
+        header = (
+            "CR",
+            "method",
+            "train images",
+            "CR (model)",
+            "top-1 start",
+            "top-1 final",
+            "top-1 best",
+            "paper top-1",
+            "to best (min)",
+            "optimisation (min)",
+            "paper time (min)",
+            "status",
+        )
         lines += [*markdown_table(header, ([r.get(c) for c in cells] for r in group), empty="-"), ""]
     return "\n".join(lines)
 
@@ -289,8 +347,14 @@ def log_to_wandb(rows: list[dict[str, Any]], results: Path, project: str) -> Non
     """The finished table as a W&B run of its own (job type ``table``): a wandb Table and the CSV as an artifact."""
     import wandb
 
-    run = wandb.init(project=project, name="resnet34_cifar", job_type="table", group="resnet34_cifar",
-                     mode=os.environ.get("WANDB_MODE") or "offline", dir=str(results))  # fmt: skip
+    run = wandb.init(
+        project=project,
+        name="resnet34_cifar",
+        job_type="table",
+        group="resnet34_cifar",
+        mode=os.environ.get("WANDB_MODE") or "offline",
+        dir=str(results),
+    )
     run.log({"resnet34_cifar": wandb.Table(columns=FIELDS, data=[[r.get(f) for f in FIELDS] for r in rows])})
     artifact = wandb.Artifact("resnet34_cifar", type="results")
     artifact.add_file(str(results / "resnet34_cifar.csv"))
@@ -302,16 +366,28 @@ def log_to_wandb(rows: list[dict[str, Any]], results: Path, project: str) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--configs", type=Path, default=Path("configs/resnet34"),
-                        help="folder with <dataset>/teacher.yaml and <dataset>/*.yaml compress configs")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--configs",
+        type=Path,
+        default=Path("configs/resnet34"),
+        help="folder with <dataset>/teacher.yaml and <dataset>/*.yaml compress configs",
+    )
     parser.add_argument("--only", help="run only the configs whose <dataset>/<name> matches this regex")
-    parser.add_argument("--gpus", help="comma-separated GPU ids, one run per GPU at a time (default: every visible "
-                                       "GPU; none: in this process, on the CPU)")  # fmt: skip
+    parser.add_argument(
+        "--gpus",
+        help="comma-separated GPU ids, one run per GPU at a time (default: every visible "
+        "GPU; none: in this process, on the CPU)",
+    )
     parser.add_argument("--results", type=Path, help="where the table goes (default: results)")
-    parser.add_argument("--wandb-project", help="also log every run, and the table, to this W&B project (offline "
-                                                "unless $WANDB_MODE says otherwise)")  # fmt: skip
+    parser.add_argument(
+        "--wandb-project",
+        help="also log every run, and the table, to this W&B project (offline unless $WANDB_MODE says otherwise)",
+    )
     parser.add_argument("--smoke", action="store_true", help="made data, narrow network, one epoch: minutes on CPU")
     parser.add_argument(
         "--list", action="store_true", help="say what each selected row's run directory holds; run nothing"
@@ -367,15 +443,21 @@ def main(argv: list[str] | None = None) -> int:
 
     write_provenance(
         results / "resnet34_cifar.provenance.json",
-        {"configs": {str(p): p.read_text() for _, p in runs}, "gpus": gpus, "smoke": args.smoke,
-         "total_s": round(total_s, 1),
-         "teachers": {d: str(configs / d / "teacher.yaml") for d in datasets}},
-    )  # fmt: skip
+        {
+            "configs": {str(p): p.read_text() for _, p in runs},
+            "gpus": gpus,
+            "smoke": args.smoke,
+            "total_s": round(total_s, 1),
+            "teachers": {d: str(configs / d / "teacher.yaml") for d in datasets},
+        },
+    )
     if args.wandb_project:
         log_to_wandb(rows, results, args.wandb_project)
     bad = [r["config"] for r in rows if r["status"] != "done"]
-    print(f"resnet34_cifar: {len(rows) - len(bad)}/{len(rows)} rows done in {total_s / 60:.1f} min -> "
-          f"{results}/resnet34_cifar.*" + (f"; not done: {', '.join(bad)}" if bad else ""))  # fmt: skip
+    print(
+        f"resnet34_cifar: {len(rows) - len(bad)}/{len(rows)} rows done in {total_s / 60:.1f} min -> "
+        f"{results}/resnet34_cifar.*" + (f"; not done: {', '.join(bad)}" if bad else "")
+    )
     return 1 if bad else 0
 
 

@@ -54,8 +54,11 @@ def _loader(dataset: str, root: Path, split: str, subset: int, batch_size: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--dataset", choices=sorted(TEACHERS), default="cifar10")
     parser.add_argument("--model", help="teacher model name (default: the dataset's ResNet-34)")
     weights_help = (
@@ -103,15 +106,26 @@ def main(argv: list[str] | None = None) -> int:
     dense, rows = sensitivity_sweep(model, loader, rule, device=args.device, verbose=True)
     plan = sensitivity_plan(rows, rule, k=args.k)
     stem = args.out / f"resnet34_{dataset}_sensitivity"
-    title = (f"ResNet-34 ({model_name}) on {dataset}: each 3x3 conv alone at CR {args.cr}, "
-             f"{len(loader.dataset)} {args.split} images")  # fmt: skip
+    title = (
+        f"ResNet-34 ({model_name}) on {dataset}: each 3x3 conv alone at CR {args.cr}, "
+        f"{len(loader.dataset)} {args.split} images"
+    )
     paths = write_sensitivity(rows, dense, plan, stem, title=title)
     write_provenance(
         Path(f"{stem}.provenance.json"),
-        {"model": model_name, "teacher_weights": str(weights) if weights else None, "dataset": dataset,
-         "data_root": str(root), "cr": args.cr, "k": args.k, "split": args.split,
-         "held_out_images": len(loader.dataset), "smoke": args.smoke, "dense_top1": dense},
-    )  # fmt: skip
+        {
+            "model": model_name,
+            "teacher_weights": str(weights) if weights else None,
+            "dataset": dataset,
+            "data_root": str(root),
+            "cr": args.cr,
+            "k": args.k,
+            "split": args.split,
+            "held_out_images": len(loader.dataset),
+            "smoke": args.smoke,
+            "dense_top1": dense,
+        },
+    )
     print(f"dense top-1 {dense:.2f}; kept dense: {', '.join(plan.exclude)}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

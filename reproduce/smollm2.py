@@ -56,16 +56,28 @@ def base_config(args: argparse.Namespace, cr: float) -> dict[str, Any]:
     """The paper's recipe at per-matrix CR ``cr``: a compress config."""
     tokenizer = args.tokenizer or args.model
     return {
-        "teacher": args.model, "task": "causal_lm", "method": "slicewise", "seed": args.seed,
-        "accelerator": args.accelerator, "eval_each_epoch": True,
-        "data": {"class_path": "tnlit.data.text_sources.TextSourcesDataModule",
-                 "init_args": {"sources": args.text, "unseen": args.unseen, "tokenizer": tokenizer,
-                               "seq_len": args.seq_len, "batch_size": args.batch_size,
-                               "train_sequences": args.train_sequences, "eval_sequences": args.eval_sequences}},
+        "teacher": args.model,
+        "task": "causal_lm",
+        "method": "slicewise",
+        "seed": args.seed,
+        "accelerator": args.accelerator,
+        "eval_each_epoch": True,
+        "data": {
+            "class_path": "tnlit.data.text_sources.TextSourcesDataModule",
+            "init_args": {
+                "sources": args.text,
+                "unseen": args.unseen,
+                "tokenizer": tokenizer,
+                "seq_len": args.seq_len,
+                "batch_size": args.batch_size,
+                "train_sequences": args.train_sequences,
+                "eval_sequences": args.eval_sequences,
+            },
+        },
         "plan": {"rules": [{"pattern": args.pattern, "format": "mpo", "sites": 2, "cr": cr}]},
         "slicewise": {"granularity": "block", "mode": "stream", "epochs": args.epochs, "lr": 1e-3},
         "finetune": {"epochs": args.epochs, "lr": args.finetune_lr, "kd_weight": 0.5},
-    }  # fmt: skip
+    }
 
 
 def recipes(config: dict[str, Any], epochs: int) -> dict[str, dict[str, Any]]:
@@ -74,8 +86,9 @@ def recipes(config: dict[str, Any], epochs: int) -> dict[str, dict[str, Any]]:
     out = {
         "paper": config,
         "global": _merge(config, {"method": "global"}),
-        "hybrid": _merge(config, {"method": "hybrid", "slicewise": {"epochs": half},
-                                  "finetune": {"epochs": max(1, epochs - half)}}),  # fmt: skip
+        "hybrid": _merge(
+            config, {"method": "hybrid", "slicewise": {"epochs": half}, "finetune": {"epochs": max(1, epochs - half)}}
+        ),
         "best": _merge(config, {"init": {"method": "activation"}, "slicewise": {"lr": 1e-4}}),
     }
     for rule in out["best"]["plan"]["rules"]:
@@ -141,9 +154,14 @@ def _times(state: dict[str, Any], wall: float) -> dict[str, float]:
     times = state.get("times", {})
     opt = {phase: times.get(phase, {}).get("optimisation_s", 0.0) for phase in ("init", "slicewise", "global")}
     walls = sum(t.get("wall_s", 0.0) for t in times.values())
-    return {"fit_s": round(opt["init"], 1), "slicewise_s": round(opt["slicewise"], 1),
-            "global_s": round(opt["global"], 1), "optimisation_s": round(sum(opt.values()), 1),
-            "other_s": round(max(0.0, wall - walls), 1), "wall_s": round(wall, 1)}  # fmt: skip
+    return {
+        "fit_s": round(opt["init"], 1),
+        "slicewise_s": round(opt["slicewise"], 1),
+        "global_s": round(opt["global"], 1),
+        "optimisation_s": round(sum(opt.values()), 1),
+        "other_s": round(max(0.0, wall - walls), 1),
+        "wall_s": round(wall, 1),
+    }
 
 
 def _perplexities(metric: dict[str, float], teacher: dict[str, float]) -> dict[str, Any]:
@@ -184,15 +202,19 @@ def _codec(tokenizer: str):
     import torch
 
     if tokenizer == "bytes":
-        return (lambda s: torch.tensor([list(s.encode())]),
-                lambda ids: bytes(i % 256 for i in ids).decode(errors="replace"))  # fmt: skip
+        return (
+            lambda s: torch.tensor([list(s.encode())]),
+            lambda ids: bytes(i % 256 for i in ids).decode(errors="replace"),
+        )
     from transformers import AutoTokenizer
 
     from tnlit.models import tokenizer_source
 
     tok = AutoTokenizer.from_pretrained(tokenizer_source(tokenizer))
-    return (lambda s: torch.tensor([tok(s, add_special_tokens=False)["input_ids"]]),
-            lambda ids: tok.decode(ids, skip_special_tokens=True))  # fmt: skip
+    return (
+        lambda s: torch.tensor([tok(s, add_special_tokens=False)["input_ids"]]),
+        lambda ids: tok.decode(ids, skip_special_tokens=True),
+    )
 
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -241,20 +263,44 @@ def write_results(rows: list[dict[str, Any]], results: Path, total_s: float, fac
 
 def markdown(rows: list[dict[str, Any]], total_s: float, args: dict[str, Any]) -> str:
     texts = list(dict.fromkeys(k.removeprefix("ppl_") for r in rows for k in r if k.startswith("ppl_")))
-    budget = (f"{args['train_sequences']} sequences x {args['seq_len']} tokens per epoch, {args['epochs']} epoch(s), "
-              f"{args['eval_sequences']} evaluation windows per text, per-matrix CR {args['points']}")  # fmt: skip
-    head = ["recipe", "whole-model CR", "status", *[f"ppl {t}" for t in texts], *[f"/ dense {t}" for t in texts],
-            "worst", "fit (s)", "slice-wise (s)", "global (s)", "optimisation (s)", "other (s)",
-            "wall (s)"]  # fmt: skip
-    lines = [f"# {args['model']}: perplexity after compression, per text (lower is better)", "",
-             f"Written by `python reproduce/smollm2.py` (this call: {total_s / 60:.1f} min; budget: {budget}). "
-             "Times: optimisation seconds of the activation-aware fit, the slice-wise and the global phase; other: "
-             "evaluations and loading (the rest of the run's wall time).", "",
-             *([args["note"], ""] if args["note"] else []),
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    budget = (
+        f"{args['train_sequences']} sequences x {args['seq_len']} tokens per epoch, {args['epochs']} epoch(s), "
+        f"{args['eval_sequences']} evaluation windows per text, per-matrix CR {args['points']}"
+    )
+    head = [
+        "recipe",
+        "whole-model CR",
+        "status",
+        *[f"ppl {t}" for t in texts],
+        *[f"/ dense {t}" for t in texts],
+        "worst",
+        "fit (s)",
+        "slice-wise (s)",
+        "global (s)",
+        "optimisation (s)",
+        "other (s)",
+        "wall (s)",
+    ]
+    lines = [
+        f"# {args['model']}: perplexity after compression, per text (lower is better)",
+        "",
+        f"Written by `python reproduce/smollm2.py` (this call: {total_s / 60:.1f} min; budget: {budget}). "
+        "Times: optimisation seconds of the activation-aware fit, the slice-wise and the global phase; other: "
+        "evaluations and loading (the rest of the run's wall time).",
+        "",
+        *([args["note"], ""] if args["note"] else []),
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
-        cells = [r["recipe"], r.get("compression_rate", ""), r["status"], *[r.get(f"ppl_{t}", "") for t in texts],
-                 *[r.get(f"ratio_{t}", "") for t in texts], r.get("worst_ratio", "")]  # fmt: skip
+        cells = [
+            r["recipe"],
+            r.get("compression_rate", ""),
+            r["status"],
+            *[r.get(f"ppl_{t}", "") for t in texts],
+            *[r.get(f"ratio_{t}", "") for t in texts],
+            r.get("worst_ratio", ""),
+        ]
         cells += [r.get(k, "") for k in ("fit_s", "slicewise_s", "global_s", "optimisation_s", "other_s", "wall_s")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", *targets(rows), "", "## Greedy continuations", ""]
@@ -281,9 +327,11 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
             continue
         goal = TARGET[0.45] if r["compression_rate"] >= 0.45 else TARGET[0.3]
         met = r["worst_ratio"] <= goal and r["optimisation_s"] <= TARGET_S
-        out.append(f"Target (issue 13): best within {goal}x of dense on every text in at most {TARGET_S:.0f} s of "
-                   f"optimisation. At whole-model CR {r['compression_rate']}: worst ratio {r['worst_ratio']} after "
-                   f"{r['optimisation_s']} s: {'met' if met else 'not met'}.")  # fmt: skip
+        out.append(
+            f"Target (issue 13): best within {goal}x of dense on every text in at most {TARGET_S:.0f} s of "
+            f"optimisation. At whole-model CR {r['compression_rate']}: worst ratio {r['worst_ratio']} after "
+            f"{r['optimisation_s']} s: {'met' if met else 'not met'}."
+        )
     return out
 
 
@@ -303,8 +351,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     if dense is not None and teacher is not None:
         ax.axhline(teacher, color="grey", lw=1, ls=":", label="dense")
     ax.set_yscale("log")
-    ax.set(title="perplexity (all texts) against optimisation time", xlabel="optimisation time (s)",
-           ylabel="perplexity")  # fmt: skip
+    ax.set(
+        title="perplexity (all texts) against optimisation time", xlabel="optimisation time (s)", ylabel="perplexity"
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     atomic_png(fig, path)
@@ -315,8 +364,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m", help="the built-in smollm2-135m or a LLaMA-style HF dir")
     parser.add_argument("--tokenizer", help="default: the model's own; 'bytes' for a byte-level test model")
     parser.add_argument("--pattern", default=MLP, help="regex of the modules to tensorize (default: the MLPs)")
-    parser.add_argument("--points", type=float, nargs="+", default=[0.5, 0.8],
-                        help="per-matrix CRs of the MLPs (default 0.5 and 0.8: whole-model CR 0.30 and 0.47)")
+    parser.add_argument(
+        "--points",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.8],
+        help="per-matrix CRs of the MLPs (default 0.5 and 0.8: whole-model CR 0.30 and 0.47)",
+    )
     parser.add_argument("--only", help="run only the recipes matching this regex (the others: 'not run')")
     parser.add_argument("--text", nargs="+", default=TEXT_SOURCES, help="calibration sources (default pydoc news kjv)")
     parser.add_argument("--unseen", nargs="+", default=UNSEEN, help="evaluation-only sources (default sklearn)")

@@ -98,12 +98,36 @@ def test_end_to_end_on_a_tiny_hf_gpt2(tmp_path, monkeypatch):
     letters = "abcdefghijklmnopqrstuvwxyz .\n"
     for i, name in enumerate(("alpha", "beta", "gamma")):
         (tmp_path / f"{name}.txt").write_text("".join(letters[(7 * k + i) % len(letters)] for k in range(2000 + i)))
-    argv = (
-        ["--model", str(tmp_path / "tiny"), "--tokenizer", "bytes", "--text", "alpha.txt", "beta.txt",
-         "--unseen", "gamma.txt", "--only", "paper|inputs", "--epochs", "1", "--train_sequences", "16",
-         "--eval_sequences", "4", "--seq_len", "16", "--batch_size", "4", "--accelerator", "cpu", "--no-progress",
-         "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
-    )  # fmt: skip
+    argv = [
+        "--model",
+        str(tmp_path / "tiny"),
+        "--tokenizer",
+        "bytes",
+        "--text",
+        "alpha.txt",
+        "beta.txt",
+        "--unseen",
+        "gamma.txt",
+        "--only",
+        "paper|inputs",
+        "--epochs",
+        "1",
+        "--train_sequences",
+        "16",
+        "--eval_sequences",
+        "4",
+        "--seq_len",
+        "16",
+        "--batch_size",
+        "4",
+        "--accelerator",
+        "cpu",
+        "--no-progress",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "results"),
+    ]
     rows = _script().main(argv)
     assert [r["variant"] for r in rows] == ["paper", "inputs"]
 

@@ -15,8 +15,15 @@ LLAMA_MLP = r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -63,8 +70,18 @@ def test_slicewise_distillation_lowers_held_out_perplexity_below_the_tt_svd_star
     from tnlit.data.offline import PydocTextDataModule
     from tnlit.pipeline import SliceSettings, compress
 
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=256, bos_token_id=10,
-                        eos_token_id=10, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    config = GPT2Config(
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        vocab_size=256,
+        bos_token_id=10,
+        eos_token_id=10,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     teacher = GPT2LMHeadModel(config)
     data = PydocTextDataModule(seq_len=64, batch_size=16, train_sequences=16 * 80)
     data.setup()
@@ -75,9 +92,14 @@ def test_slicewise_distillation_lowers_held_out_perplexity_below_the_tt_svd_star
         optimizer.zero_grad()
     teacher.save_pretrained(tmp_path / "teacher")
     state = compress(
-        teacher=str(tmp_path / "teacher"), data=PydocTextDataModule(seq_len=64, batch_size=16, train_sequences=256),
-        plan=TensorizePlan([Rule(GPT2_MLP, "mpo", sites=2, cr=0.7)]), task="causal_lm", accelerator="cpu",
-        progress=False, run_dir=tmp_path / "run", slicewise=SliceSettings(mode="stream", epochs=2, lr=3e-3),
-    )  # fmt: skip
+        teacher=str(tmp_path / "teacher"),
+        data=PydocTextDataModule(seq_len=64, batch_size=16, train_sequences=256),
+        plan=TensorizePlan([Rule(GPT2_MLP, "mpo", sites=2, cr=0.7)]),
+        task="causal_lm",
+        accelerator="cpu",
+        progress=False,
+        run_dir=tmp_path / "run",
+        slicewise=SliceSettings(mode="stream", epochs=2, lr=3e-3),
+    )
     teacher_ppl, init, final = (state[k]["perplexity"] for k in ("teacher_metric", "init_metric", "final_metric"))
     assert teacher_ppl < final < init, (teacher_ppl, final, init)

@@ -140,9 +140,19 @@ def test_auto_builds_the_chosen_layer_on_a_gpt2_and_writes_the_table(tmp_path):
     report.choices_to_csv(tmp_path / "choices.csv")
     rows = list(csv.DictReader((tmp_path / "choices.csv").open()))
     assert list(rows[0]) == [
-        "layer", "candidate", "format", "sites", "site_dims", "ranks", "params", "cr", "rel_error", "metric", "chosen",
+        "layer",
+        "candidate",
+        "format",
+        "sites",
+        "site_dims",
+        "ranks",
+        "params",
+        "cr",
+        "rel_error",
+        "metric",
+        "chosen",
         "flops_ratio",
-    ]  # fmt: skip
+    ]
     assert len(rows) == len(report.choices) and {r["metric"] for r in rows} == {"weight"}
     assert sorted(r["layer"] for r in rows if r["chosen"] == "True") == sorted(r.name for r in report.layers)
     assert "choices" in report.to_dict()
@@ -303,8 +313,9 @@ def test_the_inference_aware_objective_prefers_cheap_forms_at_equal_cr():
 
     teacher = tiny_gpt2(n_layer=1, n_embd=64)
     by_error = tensorize(teacher, TensorizePlan([Rule(r"transformer\.h\.0\.mlp\.c_fc", "auto", cr=0.5)]))[1]
-    fast = tensorize(teacher, TensorizePlan([Rule(r"transformer\.h\.0\.mlp\.c_fc", "auto", cr=0.5,
-                                                  flops_weight=1.0)]))[1]  # fmt: skip
+    fast = tensorize(teacher, TensorizePlan([Rule(r"transformer\.h\.0\.mlp\.c_fc", "auto", cr=0.5, flops_weight=1.0)]))[
+        1
+    ]
     ratio = {c.candidate: c.flops_ratio for c in fast.choices}
     chosen = next(c for c in fast.choices if c.chosen)
     assert chosen.flops_ratio == min(ratio.values())  # a weight of 1 outweighs any error difference here

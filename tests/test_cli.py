@@ -63,9 +63,16 @@ def test_help_documents_every_option(capsys):
 
 def test_report_end_to_end(tmp_path, capsys):
     main(
-        ["report", "--config", str(ROOT / "configs/tiny_gpt2/architecture/report_cr0.48.yaml"),
-         "--csv", str(tmp_path / "r.csv"), "--json", str(tmp_path / "r.json")]
-    )  # fmt: skip
+        [
+            "report",
+            "--config",
+            str(ROOT / "configs/tiny_gpt2/architecture/report_cr0.48.yaml"),
+            "--csv",
+            str(tmp_path / "r.csv"),
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "whole-model CR" in out
     assert json.loads((tmp_path / "r.json").read_text())["layers"][0]["ranks"] == [33]
@@ -222,13 +229,24 @@ def test_report_with_format_auto_and_with_a_budget(capsys):
     ("args", "needle"),
     [
         (["--plan.rules", "[{pattern: 'transformer.h.0.mlp.c_fc', format: auto}]"], "format 'auto' compares formats"),
-        (["--plan.rules", "[{pattern: 'transformer.h.0.mlp.c_fc', format: mpo}]", "--plan.budget", "1.2"],
-         "plan budget must be a whole-model CR strictly between 0 and 1"),
-        (["--plan.rules", "[{pattern: 'transformer.h.0.mlp.c_fc', format: mpo}]", "--plan.budget", "0.3", "--dry_run",
-          "true"], "no weights (meta device)"),
+        (
+            ["--plan.rules", "[{pattern: 'transformer.h.0.mlp.c_fc', format: mpo}]", "--plan.budget", "1.2"],
+            "plan budget must be a whole-model CR strictly between 0 and 1",
+        ),
+        (
+            [
+                "--plan.rules",
+                "[{pattern: 'transformer.h.0.mlp.c_fc', format: mpo}]",
+                "--plan.budget",
+                "0.3",
+                "--dry_run",
+                "true",
+            ],
+            "no weights (meta device)",
+        ),
     ],
     ids=["auto-without-cr", "budget-out-of-range", "budget-on-dry-run"],
-)  # fmt: skip
+)
 def test_auto_and_budget_mistakes_are_clear_cli_errors(capsys, args, needle):
     with pytest.raises(SystemExit) as done:
         main(["report", "--model", "tiny-gpt2", *args])

@@ -74,11 +74,18 @@ def commands(block: str) -> list[list[str]]:
 
 
 # (page, command as text, argv): the text (words joined by spaces) is what SLOW matches and tests are named by.
-BASH = [(page.relative_to(ROOT).as_posix(), " ".join(argv), argv) for page in PAGES for block in blocks(page, "bash")
-        for argv in commands(block)]  # fmt: skip
+BASH = [
+    (page.relative_to(ROOT).as_posix(), " ".join(argv), argv)
+    for page in PAGES
+    for block in blocks(page, "bash")
+    for argv in commands(block)
+]
 ARGV = {cmd: argv for _, cmd, argv in BASH}
-PYTHON = [(f"{page.relative_to(ROOT).as_posix()}:{i}", code) for page in PAGES for i, code in
-          enumerate(blocks(page, "python"))]  # fmt: skip
+PYTHON = [
+    (f"{page.relative_to(ROOT).as_posix()}:{i}", code)
+    for page in PAGES
+    for i, code in enumerate(blocks(page, "python"))
+]
 
 
 def slow_reason(command: str) -> str | None:
@@ -111,9 +118,13 @@ def ran(tmp_path_factory) -> dict[tuple[str, str], dict]:
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "MPLBACKEND": "Agg"}
     env = {**os.environ, **offline, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, "-c", RUNNER, "items.json", "results.json"], cwd=work, env=env, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-c", RUNNER, "items.json", "results.json"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return dict(zip(keys, json.loads((work / "results.json").read_text())))
 

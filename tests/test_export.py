@@ -23,8 +23,17 @@ LLAMA_MLP = r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -40,10 +49,15 @@ def llama_run(tmp_path_factory):
     torch.manual_seed(0)
     tiny_llama().save_pretrained(root / "teacher")
     state = compress(
-        teacher=str(root / "teacher"), data=RandomTokensDataModule(num_sequences=8, seq_len=12, vocab_size=101),
-        task="causal_lm", plan=TensorizePlan([Rule(LLAMA_MLP, "lowrank", cr=0.5)]), run_dir=root / "run",
-        accelerator="cpu", progress=False, slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2),
-    )  # fmt: skip
+        teacher=str(root / "teacher"),
+        data=RandomTokensDataModule(num_sequences=8, seq_len=12, vocab_size=101),
+        task="causal_lm",
+        plan=TensorizePlan([Rule(LLAMA_MLP, "lowrank", cr=0.5)]),
+        run_dir=root / "run",
+        accelerator="cpu",
+        progress=False,
+        slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2),
+    )
     shutil.rmtree(root / "teacher")
     return root / "run", state
 

@@ -449,10 +449,15 @@ def run_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("inspect") / "run"
     torch.manual_seed(0)
     compress(
-        teacher="tiny-gpt2", data=RandomTokensDataModule(num_sequences=16, seq_len=12), task="causal_lm",
+        teacher="tiny-gpt2",
+        data=RandomTokensDataModule(num_sequences=16, seq_len=12),
+        task="causal_lm",
         plan=TensorizePlan([Rule(MLP, "mpo", cr=0.5)]),
-        run_dir=path, accelerator="cpu", progress=False, slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2),
-    )  # fmt: skip
+        run_dir=path,
+        accelerator="cpu",
+        progress=False,
+        slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2),
+    )
     return path
 
 
@@ -474,16 +479,44 @@ def test_load_run_rebuilds_the_trained_student(run_dir):
 def test_inspect_a_run_directory_end_to_end(run_dir, tmp_path, capsys):
     out = tmp_path / "results"
     main(
-        ["inspect", "--run_dir", str(run_dir), "--out_dir", str(out), "--compressibility", "true",
-         "--crs", "[0.3, 0.6]", "--budget_cr", "0.1", "--layer", "transformer.h.1.mlp.c_proj", "--bond", "0",
-         "--direction", "0", "--top_k", "3"]
-    )  # fmt: skip
+        [
+            "inspect",
+            "--run_dir",
+            str(run_dir),
+            "--out_dir",
+            str(out),
+            "--compressibility",
+            "true",
+            "--crs",
+            "[0.3, 0.6]",
+            "--budget_cr",
+            "0.1",
+            "--layer",
+            "transformer.h.1.mlp.c_proj",
+            "--bond",
+            "0",
+            "--direction",
+            "0",
+            "--top_k",
+            "3",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "entropy" in printed and "transformer.h.0.mlp.c_fc" in printed and "uniform plan" in printed
     rows = read_csv(out / "run_bonds.csv")
     assert [r["layer"] for r in rows] == [f"transformer.h.{i}.mlp.c_{m}" for i in (0, 1) for m in ("fc", "proj")]
-    assert list(rows[0]) == ["layer", "bond", "label", "dim", "entropy", "max_entropy", "eff_rank_99",
-                             "trunc_err_half", "trunc_err_quarter", "top_weight"]  # fmt: skip
+    assert list(rows[0]) == [
+        "layer",
+        "bond",
+        "label",
+        "dim",
+        "entropy",
+        "max_entropy",
+        "eff_rank_99",
+        "trunc_err_half",
+        "trunc_err_quarter",
+        "top_weight",
+    ]
     _, student, _ = load_run(run_dir)
     stats = model_bond_stats(student)
     for row, s in zip(rows, stats):
@@ -506,8 +539,19 @@ def test_inspect_a_run_directory_end_to_end(run_dir, tmp_path, capsys):
 
 def test_inspect_a_model_and_a_plan(tmp_path, capsys):
     out = tmp_path / "results"
-    main(["inspect", "--model", "tiny-gpt2", "--plan.rules", f"[{{pattern: '{MLP}', format: mpo, cr: 0.5}}]",
-          "--out_dir", str(out), "--layers", r"transformer\.h\.0\..*"])  # fmt: skip
+    main(
+        [
+            "inspect",
+            "--model",
+            "tiny-gpt2",
+            "--plan.rules",
+            f"[{{pattern: '{MLP}', format: mpo, cr: 0.5}}]",
+            "--out_dir",
+            str(out),
+            "--layers",
+            r"transformer\.h\.0\..*",
+        ]
+    )
     rows = read_csv(out / "tiny-gpt2_bonds.csv")
     assert [r["layer"] for r in rows] == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
     assert (out / "tiny-gpt2_inspect.provenance.json").exists()
@@ -526,8 +570,18 @@ def test_help_documents_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["inspect", "--help"])
     out = capsys.readouterr().out
-    for option in ("--run_dir", "--model", "--plan", "--compressibility", "--budget_cr", "--layer", "--bond",
-                   "--direction", "--top_k", "--out_dir"):  # fmt: skip
+    for option in (
+        "--run_dir",
+        "--model",
+        "--plan",
+        "--compressibility",
+        "--budget_cr",
+        "--layer",
+        "--bond",
+        "--direction",
+        "--top_k",
+        "--out_dir",
+    ):
         assert option in out
     assert "Schmidt" in out  # docstrings become help
 

@@ -32,9 +32,10 @@ SOURCES = {
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize(
-    "make", [lambda m: MPOLinear.from_dense(m), lambda m: MPOLinear.from_dense(m, sites=3), LowRankLinear.from_dense],
+    "make",
+    [lambda m: MPOLinear.from_dense(m), lambda m: MPOLinear.from_dense(m, sites=3), LowRankLinear.from_dense],
     ids=["mpo2", "mpo3", "lowrank"],
-)  # fmt: skip
+)
 def test_linear_full_rank_reproduces_dense(source, strategy, make):
     dense = SOURCES[source]()
     layer = make(dense)

@@ -32,8 +32,16 @@ def corpus(tmp_path_factory):
 
 def module(corpus, cache: Path, **kwargs) -> TokenizedTextDataModule:
     files, tokenizer = corpus
-    args = dict(tokenizer=str(tokenizer), data_files=files, cache_dir=cache, seq_len=64, batch_size=4,
-                train_sequences=20, eval_sequences=8, val_fraction=0.1)  # fmt: skip
+    args = dict(
+        tokenizer=str(tokenizer),
+        data_files=files,
+        cache_dir=cache,
+        seq_len=64,
+        batch_size=4,
+        train_sequences=20,
+        eval_sequences=8,
+        val_fraction=0.1,
+    )
     return TokenizedTextDataModule(**{**args, **kwargs})
 
 
@@ -89,12 +97,24 @@ def test_compress_a_tiny_gpt2_on_tokenized_text(corpus, tmp_path):
     from tnlit.pipeline import SliceSettings, compress
 
     tok = load_tokenizer(str(corpus[1]))
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=len(tok),
-                        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)  # fmt: skip
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "teacher")
     state = compress(
-        teacher=str(tmp_path / "teacher"), data=module(corpus, tmp_path / "cache"), task="causal_lm",
-        plan=TensorizePlan([Rule(r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", "mpo", cr=0.5)]), accelerator="cpu",
-        progress=False, run_dir=tmp_path / "run", slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2),
-    )  # fmt: skip
+        teacher=str(tmp_path / "teacher"),
+        data=module(corpus, tmp_path / "cache"),
+        task="causal_lm",
+        plan=TensorizePlan([Rule(r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", "mpo", cr=0.5)]),
+        accelerator="cpu",
+        progress=False,
+        run_dir=tmp_path / "run",
+        slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2),
+    )
     assert state["done"] and state["final_metric"]["perplexity"] > 1

@@ -73,10 +73,17 @@ def files(tmp_path_factory):
 
 def run(run_dir, files, **overrides):
     kwargs = dict(
-        teacher="tiny-gpt2", teacher_weights=files["weights"], data=TokensFile(files["tokens"]), plan=PLAN,
-        task="causal_lm", run_dir=run_dir, accelerator="cpu", progress=False,
-        slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2), init=InitSettings(method="activation"),
-    )  # fmt: skip
+        teacher="tiny-gpt2",
+        teacher_weights=files["weights"],
+        data=TokensFile(files["tokens"]),
+        plan=PLAN,
+        task="causal_lm",
+        run_dir=run_dir,
+        accelerator="cpu",
+        progress=False,
+        slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2),
+        init=InitSettings(method="activation"),
+    )
     kwargs.update(overrides)
     return compress(**kwargs)
 
@@ -209,11 +216,18 @@ def test_text_sources_give_a_metric_per_source_and_unseen_text(tmp_path):
     sources, unseen = write_texts(tmp_path)
     data = TextSourcesDataModule(
         sources, unseen, tokenizer="bytes", seq_len=16, batch_size=4, train_sequences=16, eval_sequences=4
-    )  # fmt: skip
+    )
     state = compress(
-        teacher=str(tmp_path / "gpt2"), data=data, plan=PLAN, task="causal_lm", run_dir=tmp_path / "run",
-        accelerator="cpu", progress=False, slicewise=SliceSettings(mode="stream", epochs=1), eval_each_epoch=True,
-    )  # fmt: skip
+        teacher=str(tmp_path / "gpt2"),
+        data=data,
+        plan=PLAN,
+        task="causal_lm",
+        run_dir=tmp_path / "run",
+        accelerator="cpu",
+        progress=False,
+        slicewise=SliceSettings(mode="stream", epochs=1),
+        eval_each_epoch=True,
+    )
     keys = {"perplexity", "perplexity/a", "perplexity/b", "perplexity/unseen:c"}
     for metric in (state["teacher_metric"], state["init_metric"], state["metrics"]["slicewise"], state["final_metric"]):
         assert set(metric) == keys and all(math.isfinite(v) and v > 1 for v in metric.values())

@@ -71,8 +71,10 @@ def make_configs(tmp_path):
         (configs / f"mini/pydoc/{method}_cr0.5.yaml").write_text(
             RUN.format(teachers=teachers, runs=runs, method=method)
         )
-    listed = {"teachers": {"tiny-gpt2-bytes": "mini/pydoc/teacher.yaml"},
-              "runs": [f"mini/pydoc/{method}_cr0.5.yaml" for method in METHODS]}  # fmt: skip
+    listed = {
+        "teachers": {"tiny-gpt2-bytes": "mini/pydoc/teacher.yaml"},
+        "runs": [f"mini/pydoc/{method}_cr0.5.yaml" for method in METHODS],
+    }
     (configs / "quickstart.yaml").write_text(yaml.safe_dump(listed))
     return configs, teachers
 

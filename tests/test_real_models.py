@@ -21,10 +21,19 @@ from tnlit.pipeline import compress
 from tnlit.pipeline.settings import FinetuneSettings, SliceSettings
 from tnlit.tensorize import Rule, TensorizePlan
 
-GGUF_NAMES = {"embed_tokens": "token_embd", "norm": "output_norm", "self_attn.q_proj": "attn_q",
-              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+GGUF_NAMES = {
+    "embed_tokens": "token_embd",
+    "norm": "output_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 def tiny_gguf(path):
@@ -32,8 +41,15 @@ def tiny_gguf(path):
     gguf = pytest.importorskip("gguf")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(config)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(32), w.add_embedding_length(16), w.add_block_count(1), w.add_feed_forward_length(32)
@@ -111,8 +127,17 @@ def test_a_phase_evaluated_after_its_last_epoch_is_not_measured_again(tmp_path, 
     calls, measure = [], recipe.evaluate_task
     monkeypatch.setattr(recipe, "evaluate_task", lambda *a, **k: calls.append(1) or measure(*a, **k))
     data = RandomTokensDataModule(num_sequences=8, seq_len=12, batch_size=4, vocab_size=101, test_sequences=4)
-    state = compress(tiny_gpt2(), data, TensorizePlan(rules=MLP), "causal_lm", method="hybrid", eval_each_epoch=True,
-                     run_dir=tmp_path / "run", progress=False, accelerator="cpu")  # fmt: skip
+    state = compress(
+        tiny_gpt2(),
+        data,
+        TensorizePlan(rules=MLP),
+        "causal_lm",
+        method="hybrid",
+        eval_each_epoch=True,
+        run_dir=tmp_path / "run",
+        progress=False,
+        accelerator="cpu",
+    )
     assert len(calls) == 4  # teacher, start, after the slice-wise epoch, after the global epoch
     assert state["metrics"]["global"]["perplexity"] == state["curve"][-1]["perplexity"]
 
@@ -124,8 +149,16 @@ def test_compress_a_module_teacher_with_a_callable_metric(tmp_path):
     def nll(model, loader):
         return float(np.log(perplexity(model, loader)))
 
-    state = compress(teacher, data, TensorizePlan(rules=MLP), nll, method="hybrid", run_dir=tmp_path / "run",
-                     progress=False, accelerator="cpu")  # fmt: skip
+    state = compress(
+        teacher,
+        data,
+        TensorizePlan(rules=MLP),
+        nll,
+        method="hybrid",
+        run_dir=tmp_path / "run",
+        progress=False,
+        accelerator="cpu",
+    )
     assert set(state["final_metric"]) == {"nll"} and state["teacher_metric"]["nll"] > 0
     assert state["final_metric"]["nll"] == pytest.approx(nll(state["student"], data.test_dataloader()), rel=1e-5)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -139,16 +172,32 @@ def test_compress_a_module_teacher_with_a_callable_metric(tmp_path):
 def test_compress_a_bert_encoder_by_features_at_layer_granularity(tmp_path):
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    config = BertConfig(
+        vocab_size=60,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
     teacher = BertModel(config, add_pooling_layer=False)
     data = RandomTokensDataModule(num_sequences=8, seq_len=8, batch_size=4, vocab_size=60, test_sequences=4)
     # BertOutput.forward(hidden_states, input_tensor): its dense layer is a slice at layer granularity.
-    plan = TensorizePlan(rules=[Rule(pattern=r"encoder\.layer\.\d+\.(intermediate|output)\.dense", format="lowrank",
-                                     cr=0.5)])  # fmt: skip
-    state = compress(teacher, data, plan, "features", method="hybrid", slicewise=SliceSettings(granularity="layer"),
-                     finetune=FinetuneSettings(lr=1e-3), run_dir=tmp_path / "run", progress=False,
-                     accelerator="cpu")  # fmt: skip
+    plan = TensorizePlan(
+        rules=[Rule(pattern=r"encoder\.layer\.\d+\.(intermediate|output)\.dense", format="lowrank", cr=0.5)]
+    )
+    state = compress(
+        teacher,
+        data,
+        plan,
+        "features",
+        method="hybrid",
+        slicewise=SliceSettings(granularity="layer"),
+        finetune=FinetuneSettings(lr=1e-3),
+        run_dir=tmp_path / "run",
+        progress=False,
+        accelerator="cpu",
+    )
     assert state["teacher_metric"] == {"relative_error": 0.0, "cosine": pytest.approx(1.0)}
     assert 0 < state["final_metric"]["relative_error"] < 1 and state["final_metric"]["cosine"] > 0.5
     assert len(list((tmp_path / "run" / "slices").glob("*.safetensors"))) == 4
@@ -173,23 +222,56 @@ def test_compress_a_torchvision_cnn_with_a_torchmetrics_metric(tmp_path):
     teacher = torchvision.models.get_model("resnet18", num_classes=10)
     plan = TensorizePlan(rules=[Rule(pattern=r"layer1\.\d\.conv[12]", format="tucker", cr=0.5)])
     metric = MulticlassAccuracy(num_classes=10)
-    state = compress(teacher, _Images(), plan, metric, run_dir=tmp_path / "run", progress=False, accelerator="cpu",
-                     slicewise=SliceSettings(block_pattern=r"layer1\.\d"))  # fmt: skip
+    state = compress(
+        teacher,
+        _Images(),
+        plan,
+        metric,
+        run_dir=tmp_path / "run",
+        progress=False,
+        accelerator="cpu",
+        slicewise=SliceSettings(block_pattern=r"layer1\.\d"),
+    )
     assert 0 <= state["final_metric"]["MulticlassAccuracy"] <= 1
 
 
 def test_the_smollm2_script_runs_a_tiny_llama_end_to_end(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2,
-                                 max_position_embeddings=64)).save_pretrained(tmp_path / "llama")  # fmt: skip
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=256,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(tmp_path / "llama")
     script = reproduce_script("smollm2")
 
     def table():
-        script.main(["--model", str(tmp_path / "llama"), "--tokenizer", "bytes", "--quick", "--points", "0.5",
-                     "--only", "paper|best", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
-                     "--no-progress", "--note", "a smoke run"])  # fmt: skip
+        script.main(
+            [
+                "--model",
+                str(tmp_path / "llama"),
+                "--tokenizer",
+                "bytes",
+                "--quick",
+                "--points",
+                "0.5",
+                "--only",
+                "paper|best",
+                "--runs",
+                str(tmp_path / "runs"),
+                "--results",
+                str(tmp_path / "results"),
+                "--no-progress",
+                "--note",
+                "a smoke run",
+            ]
+        )
         return {r["recipe"]: r for r in csv.DictReader(open(tmp_path / "results" / "smollm2.csv"))}
 
     rows = table()

@@ -21,9 +21,15 @@ TokenData = RandomTokensDataModule
 
 def run(run_dir, **overrides):
     kwargs = dict(
-        teacher="tiny-gpt2", data=TokenData(), plan=PLAN, task="causal_lm", run_dir=run_dir, accelerator="cpu",
-        progress=False, slicewise=SliceSettings(mode="serial", epochs=2, lr=1e-2),
-    )  # fmt: skip
+        teacher="tiny-gpt2",
+        data=TokenData(),
+        plan=PLAN,
+        task="causal_lm",
+        run_dir=run_dir,
+        accelerator="cpu",
+        progress=False,
+        slicewise=SliceSettings(mode="serial", epochs=2, lr=1e-2),
+    )
     kwargs.update(overrides)
     return compress(**kwargs)
 
@@ -35,9 +41,17 @@ def weights(run_dir):
 def test_run_directory_holds_everything(tmp_path):
     state = run(tmp_path / "run")
     files = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    for name in ("config.json", "state.json", "report.csv", "report.json", "student.safetensors",
-                 "slices/transformer.h.0.mlp.safetensors", "slices/transformer.h.1.mlp.safetensors",
-                 "cache/manifest.json", "cache/shard-000003.safetensors"):  # fmt: skip
+    for name in (
+        "config.json",
+        "state.json",
+        "report.csv",
+        "report.json",
+        "student.safetensors",
+        "slices/transformer.h.0.mlp.safetensors",
+        "slices/transformer.h.1.mlp.safetensors",
+        "cache/manifest.json",
+        "cache/shard-000003.safetensors",
+    ):
         assert name in files
     assert not any(f.startswith("ckpt/") for f in files), "finished phases leave no epoch checkpoints behind"
     assert state["done"] and state["metrics"]["slicewise"]["perplexity"] > 1
@@ -132,9 +146,12 @@ def test_global_and_hybrid(tmp_path, method):
 
 def test_eval_each_epoch_records_the_metric_against_optimisation_time(tmp_path):
     state = run(
-        tmp_path / "run", method="hybrid", eval_each_epoch=True, slicewise=SliceSettings(mode="stream", epochs=2),
+        tmp_path / "run",
+        method="hybrid",
+        eval_each_epoch=True,
+        slicewise=SliceSettings(mode="stream", epochs=2),
         finetune=FinetuneSettings(epochs=2, lr=1e-3),
-    )  # fmt: skip
+    )
     curve = state["curve"]
     expected = [("slicewise", 1), ("slicewise", 2), ("global", 1), ("global", 2)]
     assert [(p["phase"], p["epoch"]) for p in curve] == expected
@@ -195,9 +212,10 @@ def test_wandb_mode_in_the_environment_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # as in a sandbox or CI: never online, whatever the config says
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     state = run(
-        tmp_path / "run", log=LogSettings(wandb=True, wandb_mode="online"),
+        tmp_path / "run",
+        log=LogSettings(wandb=True, wandb_mode="online"),
         slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2),
-    )  # fmt: skip
+    )
     assert state["done"]
     assert wandb_records(tmp_path / "wandb", state["wandb_id"]) == ([], b"")
 

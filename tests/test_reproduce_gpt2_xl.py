@@ -54,5 +54,5 @@ def test_c4_perplexity_reads_validation_text_into_windows(tmp_path, monkeypatch)
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=32, vocab_size=len(tokenizer)))
     value = gpt2_xl.c4_perplexity(
         model, tokenizer, dataset="json", data_files=str(tmp_path / "c4.json"), sequences=4, seq_len=16
-    )  # fmt: skip
+    )
     assert 1 < value < 10 * len(tokenizer)

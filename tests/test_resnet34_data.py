@@ -10,12 +10,15 @@ from tnlit.data.cifar import CIFAR10DataModule, CIFAR100DataModule, write_made_c
 from tnlit.data.imagenet import ImageNetDataModule
 
 
-@pytest.mark.parametrize(("module", "name", "classes"), [(CIFAR10DataModule, "cifar10", 10),
-                                                          (CIFAR100DataModule, "cifar100", 100)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("module", "name", "classes"), [(CIFAR10DataModule, "cifar10", 10), (CIFAR100DataModule, "cifar100", 100)]
+)
 def test_cifar_reads_the_pickled_batches_and_cuts_seeded_splits(tmp_path, module, name, classes):
     folder = write_made_cifar(tmp_path, name, train=100, test=30)
-    expected = {"cifar10": {"data_batch_1", "data_batch_5", "test_batch", "batches.meta"},
-                "cifar100": {"train", "test", "meta"}}[name]  # fmt: skip
+    expected = {
+        "cifar10": {"data_batch_1", "data_batch_5", "test_batch", "batches.meta"},
+        "cifar100": {"train", "test", "meta"},
+    }[name]
     assert expected <= {p.name for p in folder.iterdir()}
     data = module(root=tmp_path, batch_size=8, train_size=40, val_size=20, num_workers=0)
     data.prepare_data()
@@ -75,8 +78,9 @@ def _image_folder(root, classes=("n01", "n02", "n03"), per_class=4):
 
 def test_imagenet_reads_an_image_folder_with_the_standard_transforms(tmp_path):
     _image_folder(tmp_path)
-    data = ImageNetDataModule(root=tmp_path, batch_size=4, train_size=6, val_size=3, image_size=32,
-                              resize_size=36, num_workers=0)  # fmt: skip
+    data = ImageNetDataModule(
+        root=tmp_path, batch_size=4, train_size=6, val_size=3, image_size=32, resize_size=36, num_workers=0
+    )
     data.prepare_data()
     data.setup("fit")
     assert data.classes == ["n01", "n02", "n03"]

@@ -41,8 +41,9 @@ def test_sweep_measures_each_layer_alone_and_writes_csv_plot_and_a_plan_compress
     assert paths["csv"].read_text().startswith("name,shape,ranks,cr,rel_error,dense_top1,top1,drop,excluded")
     assert paths["png"].stat().st_size > 1000
     loaded = yaml.safe_load(paths["plan"].read_text())["plan"]
-    assert loaded["exclude"] == plan.exclude and loaded["rules"] == [{"pattern": rule.pattern, "format": "tucker",
-                                                                       "cr": 0.5}]  # fmt: skip
+    assert loaded["exclude"] == plan.exclude and loaded["rules"] == [
+        {"pattern": rule.pattern, "format": "tucker", "cr": 0.5}
+    ]
     # The written plan is a valid TensorizePlan that keeps those layers dense.
     _, report = tensorize(model, TensorizePlan(**loaded))
     assert len(report.layers) == 2

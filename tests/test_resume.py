@@ -41,11 +41,15 @@ class ShuffledTokens(RandomTokensDataModule):
 def run(run_dir: Path) -> dict:
     """Serial slices fed by teacher forwards, so that every slice's epochs draw from the shuffled DataModule."""
     return compress(
-        teacher="tiny-gpt2", data=ShuffledTokens(root=Path("data")), task="causal_lm", run_dir=run_dir,
-        plan=TensorizePlan([Rule(r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", "mpo", cr=0.5)]), accelerator="cpu",
+        teacher="tiny-gpt2",
+        data=ShuffledTokens(root=Path("data")),
+        task="causal_lm",
+        run_dir=run_dir,
+        plan=TensorizePlan([Rule(r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", "mpo", cr=0.5)]),
+        accelerator="cpu",
         progress=False,
         slicewise=SliceSettings(mode="serial", serial_source="teacher", epochs=EPOCHS, lr=1e-2),
-    )  # fmt: skip
+    )
 
 
 def counting(steps: dict[str, int], crash_at: tuple[str, int] | None = None, pause: float = 0.0) -> Callable:

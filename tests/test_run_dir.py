@@ -19,11 +19,17 @@ OLD_RUN = Path(__file__).parent / "fixtures" / "old_run"
 def run(run_dir):
     """The call of tests/fixtures/make_old_run.py."""
     return compress(
-        teacher="tiny-gpt2", data=RandomTokensDataModule(), task="causal_lm", method="hybrid",
+        teacher="tiny-gpt2",
+        data=RandomTokensDataModule(),
+        task="causal_lm",
+        method="hybrid",
         plan=TensorizePlan([Rule(r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", "mpo", cr=0.5)]),
-        slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2), finetune=FinetuneSettings(epochs=2, lr=1e-3),
-        run_dir=Path(run_dir), accelerator="cpu", progress=False,
-    )  # fmt: skip
+        slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2),
+        finetune=FinetuneSettings(epochs=2, lr=1e-3),
+        run_dir=Path(run_dir),
+        accelerator="cpu",
+        progress=False,
+    )
 
 
 def test_a_run_directory_of_the_flat_layout_resumes_and_finishes(tmp_path, monkeypatch):
@@ -32,8 +38,9 @@ def test_a_run_directory_of_the_flat_layout_resumes_and_finishes(tmp_path, monke
     assert "done" not in json.loads((tmp_path / "old_run" / "state.json").read_text())
     fits = []
     fit = lightning.pytorch.Trainer.fit
-    monkeypatch.setattr(lightning.pytorch.Trainer, "fit", lambda self, *a, **k: fits.append(k["ckpt_path"]) or fit(
-        self, *a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        lightning.pytorch.Trainer, "fit", lambda self, *a, **k: fits.append(k["ckpt_path"]) or fit(self, *a, **k)
+    )
     resumed = run("old_run")
     assert len(fits) == 1 and fits[0] is not None, "only the global phase trains, from its epoch checkpoint"
     assert resumed["done"] and set(resumed["metrics"]) == {"slicewise", "global"}

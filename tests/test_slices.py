@@ -22,9 +22,14 @@ def fit(module, data, epochs=2, batch_size=8, callbacks=None):
     seed_everything(0)  # the same data order for every run
     loader = DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=True)
     trainer = Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks,
-    )  # fmt: skip
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     trainer.fit(module, loader)
 
 

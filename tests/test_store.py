@@ -91,9 +91,13 @@ def test_training_from_the_store_lowers_every_slice_mse(tmp_path, monkeypatch):
     module = SliceDistillation(None, student, slices, lr=1e-2)
     before = module.slice_losses(store.read(0))
     trainer = Trainer(
-        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
-    )  # fmt: skip
+    )
     trainer.fit(module, datamodule=ActivationDataModule(tmp_path / "cache"))
     after = module.slice_losses(store.read(0))
     assert all(after[k] < 0.7 * before[k] for k in before), (before, after)
@@ -186,9 +190,15 @@ def test_bfloat16_storage(tmp_path):
 def run(run_dir, **slicewise):
     settings = {"mode": "cache", "epochs": 2, "lr": 1e-2, "cache_shuffle": False, **slicewise}
     return compress(
-        teacher="tiny-gpt2", data=TokenData(), plan=PLAN, task="causal_lm", run_dir=run_dir, accelerator="cpu",
-        progress=False, slicewise=SliceSettings(**settings),
-    )  # fmt: skip
+        teacher="tiny-gpt2",
+        data=TokenData(),
+        plan=PLAN,
+        task="causal_lm",
+        run_dir=run_dir,
+        accelerator="cpu",
+        progress=False,
+        slicewise=SliceSettings(**settings),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -133,9 +133,16 @@ class _TrainLosses(Callback):
 
 def _trainer(epochs: int, callbacks: tuple[Callback, ...] = (), **options) -> Trainer:
     return Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks), **options,
-    )  # fmt: skip
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+        **options,
+    )
 
 
 def test_image_classifier_learns_digits():
@@ -183,13 +190,31 @@ def test_tnlit_fit_trains_both_teachers_from_the_command_line(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)  # LightningCLI writes its config and logs under the working directory
     common = ["--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"]
     main(
-        ["fit", "--model", "tnlit.methods.teacher.ImageClassifier", "--model.model", "cifar-resnet34-w16",
-         "--data", "tnlit.data.offline.DigitsDataModule", "--data.image_size", "8", *common]
-    )  # fmt: skip
+        [
+            "fit",
+            "--model",
+            "tnlit.methods.teacher.ImageClassifier",
+            "--model.model",
+            "cifar-resnet34-w16",
+            "--data",
+            "tnlit.data.offline.DigitsDataModule",
+            "--data.image_size",
+            "8",
+            *common,
+        ]
+    )
     main(
-        ["fit", "--model", "tnlit.methods.teacher.CausalLM", "--data", "tnlit.data.offline.PydocTextDataModule",
-         "--data.seq_len", "32", *common]
-    )  # fmt: skip
+        [
+            "fit",
+            "--model",
+            "tnlit.methods.teacher.CausalLM",
+            "--data",
+            "tnlit.data.offline.PydocTextDataModule",
+            "--data.seq_len",
+            "32",
+            *common,
+        ]
+    )
 
 
 def test_teacher_options_are_documented(capsys):

@@ -219,7 +219,7 @@ def test_a_hugging_face_tokenizer_directory(tmp_path):
     (tmp_path / "a.txt").write_text(text)
     data = TextSourcesDataModule(
         [str(tmp_path / "a.txt")], [], tokenizer=str(tmp_path / "tok"), seq_len=8, batch_size=4
-    )  # fmt: skip
+    )
     data.setup("fit")
     expected = torch.tensor([words.index(w) for w in text.split()])
     assert torch.equal(data.train_sets["a"].tokens, expected[:180]), "the cut is at 90 % of the tokens"

@@ -37,10 +37,17 @@ class FileTokens(RandomTokensDataModule):
 
 def run(run_dir: Path, **changes) -> dict:
     args = dict(
-        teacher="tiny-gpt2", data=RandomTokensDataModule(), task="causal_lm", plan=PLAN, method="hybrid",
-        slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2), finetune=FinetuneSettings(epochs=1, lr=1e-3),
-        run_dir=Path(run_dir), accelerator="cpu", progress=False,
-    )  # fmt: skip
+        teacher="tiny-gpt2",
+        data=RandomTokensDataModule(),
+        task="causal_lm",
+        plan=PLAN,
+        method="hybrid",
+        slicewise=SliceSettings(mode="stream", epochs=1, lr=1e-2),
+        finetune=FinetuneSettings(epochs=1, lr=1e-3),
+        run_dir=Path(run_dir),
+        accelerator="cpu",
+        progress=False,
+    )
     return compress(**{**args, **changes})
 
 

@@ -17,7 +17,16 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CompressionReport", "LayerReport", "Rule", "TensorizeError", "TensorizePlan", "estimate", "export_student",
-    "inference_mode", "load_student", "merge_dense", "tensorize",
-]  # fmt: skip
+    "CompressionReport",
+    "LayerReport",
+    "Rule",
+    "TensorizeError",
+    "TensorizePlan",
+    "estimate",
+    "export_student",
+    "inference_mode",
+    "load_student",
+    "merge_dense",
+    "tensorize",
+]
 __version__ = "0.1.0"

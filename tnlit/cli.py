@@ -28,8 +28,12 @@ __all__ = ["COMMANDS", "build_parser", "lightning_cli", "main", "run_command"]
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 COMMANDS: dict[str, Callable[..., Any]] = {
-    "report": report, "compress": compress, "quickstart": quickstart, "inspect": inspect, "export": export,
-}  # fmt: skip
+    "report": report,
+    "compress": compress,
+    "quickstart": quickstart,
+    "inspect": inspect,
+    "export": export,
+}
 """tnlit's own subcommands: a function each, whose signature and docstring make the options and help."""
 
 
@@ -77,8 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         # A full disk (or quota) or a read-only file system: what was written atomically stays sound; rerun resumes.
-        parser.exit(1, f"tnlit {name}: error: cannot write {err.filename or ''} ({err.strerror}): free some space "
-                       "(or make it writable) and rerun the same command; it resumes\n")  # fmt: skip
+        parser.exit(
+            1,
+            f"tnlit {name}: error: cannot write {err.filename or ''} ({err.strerror}): free some space "
+            "(or make it writable) and rerun the same command; it resumes\n",
+        )
     if name == "compress":
         print_result(result)
 

@@ -134,8 +134,11 @@ def _features(sums: list[float]) -> dict[str, float]:
 
 
 # A built-in task: additive sums over batches (so a pooled metric follows from its parts' sums), and the metric.
-_TASKS = {"classification": (_top1_sums, _top1), "causal_lm": (_nll_sums, _perplexity),
-          "features": (_feature_sums, _features)}  # fmt: skip
+_TASKS = {
+    "classification": (_top1_sums, _top1),
+    "causal_lm": (_nll_sums, _perplexity),
+    "features": (_feature_sums, _features),
+}
 
 
 def _measure(task: str, model: nn.Module, dataloader: Iterable[Any], device: Any, teacher: Any = None) -> list[float]:
@@ -222,7 +225,7 @@ def lm_eval_benchmarks(
     manager = TaskManager(include_defaults=not all(isinstance(t, dict) for t in tasks))
     out = simple_evaluate(
         model=lm, tasks=list(tasks), limit=limit, log_samples=False, bootstrap_iters=0, task_manager=manager
-    )  # fmt: skip
+    )
     scores = {}
     for task, metrics in out["results"].items():
         for key, value in metrics.items():
@@ -274,8 +277,12 @@ def evaluate_task(
     if not isinstance(task, str):
         key = metric_name(task)
         metrics = {key: _callable_metric(task, model, data.test_dataloader(), torch.device(device))}
-        metrics.update({f"{key}/{n}": _callable_metric(task, model, loader, torch.device(device))
-                        for n, loader in by_source.items()})  # fmt: skip
+        metrics.update(
+            {
+                f"{key}/{n}": _callable_metric(task, model, loader, torch.device(device))
+                for n, loader in by_source.items()
+            }
+        )
         return metrics
     check_choice("task", task, Task)
     finish = _TASKS[task][1]

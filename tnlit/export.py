@@ -42,8 +42,15 @@ from tnlit.models import load_model
 from tnlit.pipeline.run_dir import RunDirError, read_json, read_run_config
 from tnlit.tensorize.rebuild import layer_rows, tensorize_architecture
 
-__all__ = ["EXPORT_FILE", "describe_layers", "export_student", "is_causal_lm", "load_student", "merge_dense",
-           "save_architecture"]  # fmt: skip
+__all__ = [
+    "EXPORT_FILE",
+    "describe_layers",
+    "export_student",
+    "is_causal_lm",
+    "load_student",
+    "merge_dense",
+    "save_architecture",
+]
 
 EXPORT_FILE = "tnlit_export.json"
 TEACHER_CONFIG = "teacher_config.json"
@@ -70,8 +77,9 @@ def describe_layers(model: nn.Module) -> list[dict[str, Any]]:
                 sites = f"{'x'.join(map(str, m.in_dims))} -> {'x'.join(map(str, m.out_dims))}"
         else:
             raise TypeError(f"{name}: no export for tensorized layer type {type(m).__name__}")
-        rows.append({"name": name, "format": fmt, "module_type": kind, "shape": shape, "site_dims": sites,
-                     "ranks": ranks})  # fmt: skip
+        rows.append(
+            {"name": name, "format": fmt, "module_type": kind, "shape": shape, "site_dims": sites, "ranks": ranks}
+        )
     return rows
 
 
@@ -185,8 +193,17 @@ def merge_dense(model: nn.Module) -> nn.Module:
             continue
         w = m.to_dense_weight().detach().clone()
         if isinstance(m, TuckerConv2d):
-            dense = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                              dilation=m.dilation, bias=m.bias is not None, device=w.device, dtype=w.dtype)  # fmt: skip
+            dense = nn.Conv2d(
+                m.in_channels,
+                m.out_channels,
+                m.kernel_size,
+                stride=m.stride,
+                padding=m.padding,
+                dilation=m.dilation,
+                bias=m.bias is not None,
+                device=w.device,
+                dtype=w.dtype,
+            )
         elif m.layout == "conv1d":
             from transformers.pytorch_utils import Conv1D
 
@@ -307,11 +324,16 @@ def _write_hf(model: nn.Module, out: Path, dense: bool, inference: dict[str, Any
     base_type, base_class = config["model_type"], type(model).__name__
     rows = describe_layers(model)
     config.update(
-        model_type="tnlit", architectures=["TnlitForCausalLM"], tnlit_base_model_type=base_type,
-        tnlit_layers=rows, tnlit_inference=inference,
-        auto_map={"AutoConfig": "modeling_tnlit.TnlitConfig",
-                  "AutoModelForCausalLM": "modeling_tnlit.TnlitForCausalLM"},
-    )  # fmt: skip
+        model_type="tnlit",
+        architectures=["TnlitForCausalLM"],
+        tnlit_base_model_type=base_type,
+        tnlit_layers=rows,
+        tnlit_inference=inference,
+        auto_map={
+            "AutoConfig": "modeling_tnlit.TnlitConfig",
+            "AutoModelForCausalLM": "modeling_tnlit.TnlitForCausalLM",
+        },
+    )
     atomic_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     code = _MODELING.format(base_class=base_class, base_config=type(model.config).__name__)
     atomic_text(out / "modeling_tnlit.py", code)
@@ -335,14 +357,21 @@ def _model_card(model: nn.Module, out: Path, dense: bool) -> None:
     params = sum(p.numel() for p in model.parameters())
     layers = sum(isinstance(m, TensorizedLayer) for m in model.modules())
     if dense:
-        how = ("The tensorized layers are merged back into dense weights: this is a plain model of the teacher's "
-               "class (no custom code), as large and as fast as the teacher.")  # fmt: skip
+        how = (
+            "The tensorized layers are merged back into dense weights: this is a plain model of the teacher's "
+            "class (no custom code), as large and as fast as the teacher."
+        )
         load = "AutoModelForCausalLM.from_pretrained(path)" if is_causal_lm(model) else "tnlit.load_student(path)"
     else:
         how = f"{layers} layers are tensorized (tnlit's MPO / low-rank / Tucker layers)."
-        load = ("AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # needs pip install tnlit"
-                if is_causal_lm(model) else "tnlit.load_student(path)")  # fmt: skip
-    text = (f"---\nlibrary_name: transformers\ntags: [tnlit, tensor-network, compressed]\n---\n\n# tnlit student\n\n"
-            f"Compressed by tensorization with tnlit: {params:,} parameters. {how}\n\n```python\n{load}\n```\n\n"
-            "The compression report is in report.json, the plan in tnlit_plan.json.\n")  # fmt: skip
+        load = (
+            "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # needs pip install tnlit"
+            if is_causal_lm(model)
+            else "tnlit.load_student(path)"
+        )
+    text = (
+        f"---\nlibrary_name: transformers\ntags: [tnlit, tensor-network, compressed]\n---\n\n# tnlit student\n\n"
+        f"Compressed by tensorization with tnlit: {params:,} parameters. {how}\n\n```python\n{load}\n```\n\n"
+        "The compression report is in report.json, the plan in tnlit_plan.json.\n"
+    )
     atomic_text(out / "README.md", text)

@@ -57,16 +57,22 @@ def config(path: Path, seq_len: int = 16, batch_size: int = 8, ft_epochs: int = 
 def tnlit(*argv: str) -> tuple[int, str]:
     """Exit status and the first line that tells what happened (error, or warning, or the metrics)."""
     err, out = io.StringIO(), io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(err), \
-            contextlib.redirect_stdout(out):  # fmt: skip
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(out),
+    ):
         warnings.simplefilter("always")
         try:
             main(list(argv))
             code = 0
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
-    ours = [str(w.message) for w in caught if "tnlit" in w.filename or "checksum" in str(w.message)
-            or "lock" in str(w.message)]  # fmt: skip
+    ours = [
+        str(w.message)
+        for w in caught
+        if "tnlit" in w.filename or "checksum" in str(w.message) or "lock" in str(w.message)
+    ]
     errors = [line for line in err.getvalue().splitlines() if "error" in line or "tnlit:" in line]
     return code, (errors or ours or ["(no message)"])[0]
 
@@ -87,8 +93,12 @@ def student_equal(a: Path, b: Path) -> str:
 def child(cfg: Path, run_dir: Path, log: Path) -> subprocess.Popen:
     code = "import sys; from tnlit.cli import main; main(sys.argv[1:])"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", code, "compress", "--config", str(cfg), "--run_dir", str(run_dir)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "compress", "--config", str(cfg), "--run_dir", str(run_dir)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
 
 def faults(tmp: Path) -> list[tuple[str, str]]:
@@ -109,15 +119,25 @@ def faults(tmp: Path) -> list[tuple[str, str]]:
 
     for file in ("slices/transformer.h.0.mlp.safetensors", "global.safetensors", "student.safetensors"):
         again(f"flip 10 bytes of {file}", lambda d, f=file: flip(d / f))
-    again("state.json edited (metric changed)", lambda d: (d / "state.json").write_text(
-        (d / "state.json").read_text().replace('"perplexity": ', '"perplexity": 1', 1)))  # fmt: skip
+    again(
+        "state.json edited (metric changed)",
+        lambda d: (d / "state.json").write_text(
+            (d / "state.json").read_text().replace('"perplexity": ', '"perplexity": 1', 1)
+        ),
+    )
     again("state.json truncated", lambda d: (d / "state.json").write_text("{"))
     again("config.json truncated", lambda d: (d / "config.json").write_text("{"))
     again("run directory moved (copied elsewhere)", lambda d: None)
-    again("lock held by a live process", lambda d: (d / ".lock").write_text(json.dumps(
-        {"pid": os.getppid(), "host": os.uname().nodename, "since": "earlier"})))  # fmt: skip
-    again("stale lock (dead PID)", lambda d: (d / ".lock").write_text(json.dumps(
-        {"pid": 2**22 + 7, "host": os.uname().nodename})))  # fmt: skip
+    again(
+        "lock held by a live process",
+        lambda d: (d / ".lock").write_text(
+            json.dumps({"pid": os.getppid(), "host": os.uname().nodename, "since": "earlier"})
+        ),
+    )
+    again(
+        "stale lock (dead PID)",
+        lambda d: (d / ".lock").write_text(json.dumps({"pid": 2**22 + 7, "host": os.uname().nodename})),
+    )
     rows += teacher_faults(tmp)
     rows += bad_inputs(tmp)
     rows += class_path(tmp, sound)
@@ -136,18 +156,24 @@ def teacher_faults(tmp: Path) -> list[tuple[str, str]]:
     shutil.copy(tmp / "teacher2.safetensors", weights)
     code, message = tnlit("compress", "--config", str(cfg), "--run_dir", str(tmp / "teacher_run"))
     rows = [("teacher weights replaced by another teacher at the same path", f"exit {code}: {message[:220]}")]
-    code, message = tnlit("compress", "--config", str(cfg), "--run_dir", str(tmp / "teacher_run"), "--overwrite",
-                          "true")  # fmt: skip
-    rows.append(("... the same with --overwrite true", f"exit {code}: run started afresh"
-                 if code == 0 else f"exit {code}: {message[:200]}"))  # fmt: skip
+    code, message = tnlit(
+        "compress", "--config", str(cfg), "--run_dir", str(tmp / "teacher_run"), "--overwrite", "true"
+    )
+    rows.append(
+        (
+            "... the same with --overwrite true",
+            f"exit {code}: run started afresh" if code == 0 else f"exit {code}: {message[:200]}",
+        )
+    )
     nan = load_model("tiny-gpt2")
     with torch.no_grad():
         nan.transformer.h[1].mlp.c_proj.weight[0, 0] = float("nan")
     save_model(nan, str(tmp / "nan.safetensors"))
     cfg = config(tmp / "nan.yaml", extra=f"teacher_weights: {tmp / 'nan.safetensors'}\n")
     code, message = tnlit("compress", "--config", str(cfg), "--run_dir", str(tmp / "nan_run"))
-    rows.append(("NaN in the teacher's weights", f"exit {code}: {message[:200]}; run_dir written: "
-                 f"{(tmp / 'nan_run').exists()}"))  # fmt: skip
+    rows.append(
+        ("NaN in the teacher's weights", f"exit {code}: {message[:200]}; run_dir written: {(tmp / 'nan_run').exists()}")
+    )
     return rows
 
 
@@ -174,10 +200,15 @@ def class_path(tmp: Path, sound: Path) -> list[tuple[str, str]]:
     cfg = json.loads((run_dir / "config.json").read_text())
     cfg["data"] = {"class_path": "os.system", "init_args": {"command": f"touch {tmp / 'pwned'}"}}
     (run_dir / "config.json").write_text(json.dumps(cfg))
-    code, message = tnlit("inspect", "--run_dir", str(run_dir), "--out_dir", str(tmp / "out"), "--layer",
-                          "transformer.h.0.mlp.c_fc")  # fmt: skip
-    return [("inspect a run dir whose config names data class_path os.system",
-             f"exit {code}: {message[:200]}; command ran: {(tmp / 'pwned').exists()}")]  # fmt: skip
+    code, message = tnlit(
+        "inspect", "--run_dir", str(run_dir), "--out_dir", str(tmp / "out"), "--layer", "transformer.h.0.mlp.c_fc"
+    )
+    return [
+        (
+            "inspect a run dir whose config names data class_path os.system",
+            f"exit {code}: {message[:200]}; command ran: {(tmp / 'pwned').exists()}",
+        )
+    ]
 
 
 def sigterm(tmp: Path) -> list[tuple[str, str]]:
@@ -193,18 +224,31 @@ def sigterm(tmp: Path) -> list[tuple[str, str]]:
     code = proc.wait(timeout=120)
     state = json.loads((run_dir / "state.json").read_text())
     said = [line for line in log.read_text().splitlines() if "stopped on" in line]
-    rows = [("kill -TERM during global finetuning", f"exit {code}; done in state.json: {bool(state.get('done'))}; "
-             f"{said[0][:200] if said else 'no message'}")]  # fmt: skip
+    rows = [
+        (
+            "kill -TERM during global finetuning",
+            f"exit {code}; done in state.json: {bool(state.get('done'))}; {said[0][:200] if said else 'no message'}",
+        )
+    ]
     shutil.copytree(run_dir, tmp / "sigterm_flipped")
     tnlit("compress", "--config", str(cfg), "--run_dir", str(tmp / "uninterrupted"))
     code, _ = tnlit("compress", "--config", str(cfg), "--run_dir", str(run_dir))
-    rows.append(("... then the same command again", f"exit {code}; {student_equal(run_dir, tmp / 'uninterrupted')}"
-                 " of an uninterrupted run"))  # fmt: skip
+    rows.append(
+        (
+            "... then the same command again",
+            f"exit {code}; {student_equal(run_dir, tmp / 'uninterrupted')} of an uninterrupted run",
+        )
+    )
     flip(tmp / "sigterm_flipped" / "ckpt" / "global" / "last.ckpt")
     code, message = tnlit("compress", "--config", str(cfg), "--run_dir", str(tmp / "sigterm_flipped"))
-    rows.append(("flip 10 bytes of ckpt/global/last.ckpt of that stopped run, then rerun", f"exit {code}: "
-                 f"{message[:200]}; {student_equal(tmp / 'sigterm_flipped', tmp / 'uninterrupted')} of an "
-                 "uninterrupted run"))  # fmt: skip
+    rows.append(
+        (
+            "flip 10 bytes of ckpt/global/last.ckpt of that stopped run, then rerun",
+            f"exit {code}: "
+            f"{message[:200]}; {student_equal(tmp / 'sigterm_flipped', tmp / 'uninterrupted')} of an "
+            "uninterrupted run",
+        )
+    )
     return rows
 
 
@@ -220,20 +264,30 @@ def concurrent(tmp: Path) -> tuple[str, str]:
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=120)
     said = [line for line in (tmp / "second.log").read_text().splitlines() if "in use by" in line]
-    return ("two identical tnlit compress on one run_dir", f"second exit {code}: {said[0][:200] if said else '?'}"
-            f"; the first still running then: {running}")  # fmt: skip
+    return (
+        "two identical tnlit compress on one run_dir",
+        f"second exit {code}: {said[0][:200] if said else '?'}; the first still running then: {running}",
+    )
 
 
 def write(rows: list[tuple[str, str]], results: Path) -> None:
-    lines = ["# Faults injected into a run directory (issue #15)", "",
-             "Written by `python tests/faults/inject.py`: each fault on a tiny run (tiny-gpt2, made tokens, MPO at CR "
-             "0.5, hybrid), then the same `tnlit compress` command again.", "", "| fault | outcome |", "|---|---|"]
+    lines = [
+        "# Faults injected into a run directory (issue #15)",
+        "",
+        "Written by `python tests/faults/inject.py`: each fault on a tiny run (tiny-gpt2, made tokens, MPO at CR "
+        "0.5, hybrid), then the same `tnlit compress` command again.",
+        "",
+        "| fault | outcome |",
+        "|---|---|",
+    ]
     lines += [f"| {fault} | {outcome.replace('|', '/')} |" for fault, outcome in rows]
     lines = [re.sub(r"/tmp/tmp[\w]+/", "<tmp>/", line) for line in lines]
     results.mkdir(parents=True, exist_ok=True)
     (results / "faults.md").write_text("\n".join(lines) + "\n")
-    write_provenance(results / "faults.provenance.json", {"script": "tests/faults/inject.py",
-                                                          "rows": [{"fault": f, "outcome": o} for f, o in rows]})
+    write_provenance(
+        results / "faults.provenance.json",
+        {"script": "tests/faults/inject.py", "rows": [{"fault": f, "outcome": o} for f, o in rows]},
+    )
 
 
 if __name__ == "__main__":

@@ -211,9 +211,16 @@ def _fit(layer: TensorizedLayer, w: torch.Tensor, c: torch.Tensor, damping: floa
             exact = exact_outer()
             # u_in by conjugate gradient (all three factors so, where the exact step does not exist).
             fit_to_covariance_(
-                factors, reconstruct, w, c, sweeps=1, damping=damping, max_cg_iter=cg, gauge=orthonormal,
+                factors,
+                reconstruct,
+                w,
+                c,
+                sweeps=1,
+                damping=damping,
+                max_cg_iter=cg,
+                gauge=orthonormal,
                 only=[2] if exact else None,
-            )  # fmt: skip
+            )
         exact_outer()
         new = orthonormal(factors, 0)
     else:

@@ -200,8 +200,9 @@ def open_store(
         warnings.warn(f"activation store {root}: shard(s) {_listing(files)} {problem}; recomputing them", stacklevel=2)
     if manifest is not None and manifest.get("complete") is not True:
         done = sum(entry is not None for entry in shards)
-        warnings.warn(f"activation store {root}: its build was interrupted ({done} shards kept); completing it",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"activation store {root}: its build was interrupted ({done} shards kept); completing it", stacklevel=2
+        )
     sound = manifest is not None and manifest.get("complete") is True and all(shards)
     if sound and not check_inputs:
         built = 0
@@ -227,10 +228,19 @@ def _listing(files: list[str], most: int = 8) -> str:
 
 
 def _fill(
-    root: Path, header: dict[str, Any], shards: list[dict[str, Any] | None], teacher: nn.Module,
-    data: LightningDataModule, slices: Sequence[Slice], seed: int, dtype: StorageDtype, device: str | torch.device,
-    autocast: torch.dtype | None, sound: bool, progress: bool,
-) -> int:  # fmt: skip
+    root: Path,
+    header: dict[str, Any],
+    shards: list[dict[str, Any] | None],
+    teacher: nn.Module,
+    data: LightningDataModule,
+    slices: Sequence[Slice],
+    seed: int,
+    dtype: StorageDtype,
+    device: str | torch.device,
+    autocast: torch.dtype | None,
+    sound: bool,
+    progress: bool,
+) -> int:
     """One pass over the training batches: compute every shard that is missing, bad or of another batch."""
     seed_everything(seed, workers=True, verbose=False)  # the same batches as every earlier pass
     loader = data.train_dataloader()
@@ -275,9 +285,16 @@ def _fill(
 
 @torch.no_grad()
 def _compute_shard(
-    root: Path, index: int, teacher: nn.Module, x: torch.Tensor, slices: Sequence[Slice], dtype: StorageDtype,
-    device: str | torch.device, autocast: torch.dtype | None, x_hash: str,
-) -> dict[str, Any]:  # fmt: skip
+    root: Path,
+    index: int,
+    teacher: nn.Module,
+    x: torch.Tensor,
+    slices: Sequence[Slice],
+    dtype: StorageDtype,
+    device: str | torch.device,
+    autocast: torch.dtype | None,
+    x_hash: str,
+) -> dict[str, Any]:
     """Run the teacher on one batch, write its shard atomically, and return the shard's manifest entry."""
     device = torch.device(device)
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):

@@ -35,7 +35,6 @@ from tnlit.types import Gauge
 __all__ = ["BondCapture", "Gauge", "bond_activations", "bond_vectors", "describe_unit", "find_layer", "top_activating"]
 
 
-
 def find_layer(model: nn.Module, name: str, bond: int | None = None) -> TensorizedLayer:
     """The tensorized layer called ``name``, checking that it has bond ``bond``; clear errors otherwise."""
     tensorized = [n for n, m in model.named_modules() if isinstance(m, (MPOLinear, TuckerConv2d, LowRankLinear))]
@@ -197,7 +196,11 @@ def top_activating(
 ) -> list[dict[str, object]]:
     """The ``k`` inputs that excite ``direction`` of the captured bond most: rank, unit index, score, description."""
     return [
-        {"rank": r, "index": " ".join(map(str, index)), "score": score,
-         "input": describe_unit(index, tokens, decode, context, labels)}
+        {
+            "rank": r,
+            "index": " ".join(map(str, index)),
+            "score": score,
+            "input": describe_unit(index, tokens, decode, context, labels),
+        }
         for r, (index, score) in enumerate(capture.top(direction, k))
-    ]  # fmt: skip
+    ]

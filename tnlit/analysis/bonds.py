@@ -188,9 +188,17 @@ class BondStats:
 
 
 _COLUMNS = [
-    "layer", "bond", "label", "dim", "entropy", "max_entropy", "eff_rank_99", "trunc_err_half", "trunc_err_quarter",
+    "layer",
+    "bond",
+    "label",
+    "dim",
+    "entropy",
+    "max_entropy",
+    "eff_rank_99",
+    "trunc_err_half",
+    "trunc_err_quarter",
     "top_weight",
-]  # fmt: skip
+]
 
 
 def bond_stats(layer: TensorizedLayer, name: str = "") -> list[BondStats]:
@@ -201,12 +209,20 @@ def bond_stats(layer: TensorizedLayer, name: str = "") -> list[BondStats]:
         dim = len(s)
         rows.append(
             BondStats(
-                layer=name, bond=k, label=label, dim=dim, entropy=spectrum_entropy(s), max_entropy=math.log(dim),
-                eff_rank_99=effective_rank(s, 0.99), trunc_err_half=float(errors[dim // 2]),
-                trunc_err_quarter=float(errors[dim // 4]), top_weight=float(energy_weights(s)[0]), spectrum=s,
+                layer=name,
+                bond=k,
+                label=label,
+                dim=dim,
+                entropy=spectrum_entropy(s),
+                max_entropy=math.log(dim),
+                eff_rank_99=effective_rank(s, 0.99),
+                trunc_err_half=float(errors[dim // 2]),
+                trunc_err_quarter=float(errors[dim // 4]),
+                top_weight=float(energy_weights(s)[0]),
+                spectrum=s,
                 truncation=errors,
             )
-        )  # fmt: skip
+        )
     return rows
 
 
@@ -260,10 +276,18 @@ def format_bond_table(stats: list[BondStats]) -> str:
     """A plain-text table of the bonds, for the terminal."""
     head = ["layer", "bond", "dim", "entropy", "ln dim", "rank 99%", "err @ dim/2", "p0"]
     body = [
-        [s.layer, s.label, str(s.dim), f"{s.entropy:.3f}", f"{s.max_entropy:.3f}", str(s.eff_rank_99),
-         f"{s.trunc_err_half:.4f}", f"{s.top_weight:.3f}"]
+        [
+            s.layer,
+            s.label,
+            str(s.dim),
+            f"{s.entropy:.3f}",
+            f"{s.max_entropy:.3f}",
+            str(s.eff_rank_99),
+            f"{s.trunc_err_half:.4f}",
+            f"{s.top_weight:.3f}",
+        ]
         for s in stats
-    ]  # fmt: skip
+    ]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))

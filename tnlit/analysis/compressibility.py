@@ -74,12 +74,17 @@ class CompressibilityMap:
             writer = csv.writer(fh)
             writer.writerow(["layer", "format", "cr", "ranks", "factor_params", "achieved_cr", "rel_error"])
             for c in self.cells:
-                writer.writerow([
-                    c.layer, c.format, c.cr, "" if c.ranks is None else " ".join(map(str, c.ranks)),
-                    "" if c.factor_params is None else c.factor_params,
-                    "" if c.achieved_cr is None else f"{c.achieved_cr:.4f}",
-                    "" if c.rel_error is None else f"{c.rel_error:.6g}",
-                ])  # fmt: skip
+                writer.writerow(
+                    [
+                        c.layer,
+                        c.format,
+                        c.cr,
+                        "" if c.ranks is None else " ".join(map(str, c.ranks)),
+                        "" if c.factor_params is None else c.factor_params,
+                        "" if c.achieved_cr is None else f"{c.achieved_cr:.4f}",
+                        "" if c.rel_error is None else f"{c.rel_error:.6g}",
+                    ]
+                )
 
     def heatmap(self, path: str | Path, title: str = "") -> None:
         """Layers (rows) by CR (columns), coloured by relative error; grey where out of reach."""

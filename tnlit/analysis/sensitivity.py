@@ -57,9 +57,16 @@ def sensitivity_sweep(
         top1 = accuracy(student.to(device), loader, device=device)
         layer = report.layers[0]
         rows.append(
-            LayerSensitivity(name, list(layer.shape), list(layer.ranks), round(layer.cr, 4),
-                             round(float(layer.rel_error or 0.0), 4), round(top1, 3), round(dense - top1, 3))
-        )  # fmt: skip
+            LayerSensitivity(
+                name,
+                list(layer.shape),
+                list(layer.ranks),
+                round(layer.cr, 4),
+                round(float(layer.rel_error or 0.0), 4),
+                round(top1, 3),
+                round(dense - top1, 3),
+            )
+        )
         del student
         if verbose:
             print(f"[{i}/{len(names)}] {name}: top-1 {top1:.2f} (drop {dense - top1:+.2f})", flush=True)

@@ -34,8 +34,9 @@ def export(
     """
     student = load_student(run_dir)
     inference = {"cache": cache, "max_cache_bytes": None if max_cache_mb is None else max_cache_mb * 2**20}
-    export_student(student, out, dense=dense, tokenizer=tokenizer, inference=inference, overwrite=overwrite,
-                   source=Path(run_dir))  # fmt: skip
+    export_student(
+        student, out, dense=dense, tokenizer=tokenizer, inference=inference, overwrite=overwrite, source=Path(run_dir)
+    )
     params = sum(p.numel() for p in student.parameters())
     files = sum(f.stat().st_size for f in Path(out).rglob("*.safetensors"))
     print(f"exported {run_dir} -> {out}: {params:,} parameters in the student, {files / 2**20:.1f} MB of weights")

@@ -144,14 +144,16 @@ def inspect(
     result: dict[str, Any] = {}
     files = _bonds(student, layers, out_dir, name, result)
     if compressibility or budget_cr is not None:
-        files += _maps(teacher, plan, out_dir, name, crs if compressibility else None, budget_cr, budget_max_error,
-                       result)  # fmt: skip
+        files += _maps(
+            teacher, plan, out_dir, name, crs if compressibility else None, budget_cr, budget_max_error, result
+        )
     if layer is not None:
         data = data if data is not None else datamodule_from_config(config["data"], trust=trust_run_dir)
         files.append(_top(student, data, (layer, bond, direction), top_k, batches, decode, out_dir / name, result))
     prov = out_dir / f"{name}_inspect.provenance.json"
-    write_provenance(prov, {"options": options, "plan": asdict(plan), "run_config": config,
-                            "files": [str(f) for f in files]})  # fmt: skip
+    write_provenance(
+        prov, {"options": options, "plan": asdict(plan), "run_config": config, "files": [str(f) for f in files]}
+    )
     files.append(prov)
     print("\nwrote " + ", ".join(str(f) for f in files))
     result["files"] = [str(f) for f in files]
@@ -159,9 +161,14 @@ def inspect(
 
 
 def _check_options(
-    run_dir: Path | None, model: str | None, plan: TensorizePlan | None, crs: list[float], budget_cr: float | None,
-    top_k: int, batches: int,
-) -> None:  # fmt: skip
+    run_dir: Path | None,
+    model: str | None,
+    plan: TensorizePlan | None,
+    crs: list[float],
+    budget_cr: float | None,
+    top_k: int,
+    batches: int,
+) -> None:
     if (run_dir is None) == (model is None):
         raise ValueError("give either run_dir (a tnlit compress run) or model and plan, not both or neither")
     if model is not None and plan is None:
@@ -207,9 +214,15 @@ def _bonds(student: nn.Module, layers: str | None, out_dir: Path, name: str, res
 
 
 def _maps(
-    teacher: nn.Module, plan: TensorizePlan, out_dir: Path, name: str, crs: list[float] | None,
-    budget_cr: float | None, budget_max_error: float | None, result: dict[str, Any],
-) -> list[Path]:  # fmt: skip
+    teacher: nn.Module,
+    plan: TensorizePlan,
+    out_dir: Path,
+    name: str,
+    crs: list[float] | None,
+    budget_cr: float | None,
+    budget_max_error: float | None,
+    result: dict[str, Any],
+) -> list[Path]:
     """The compressibility map (when ``crs``) and the budgeted plan (when ``budget_cr``), from one set of curves."""
     files = []
     curves = layer_curves(teacher, plan)
@@ -224,18 +237,28 @@ def _maps(
         budget.to_yaml(files[-1])
         print(budget)
         result["budget"] = {
-            "budget": budget.budget, "params_after": budget.params_after, "total_error": budget.total_error,
+            "budget": budget.budget,
+            "params_after": budget.params_after,
+            "total_error": budget.total_error,
             "max_error": budget.max_error,
-            "uniform_cr": budget.uniform_cr, "uniform_params_after": budget.uniform_params_after,
-            "uniform_error": budget.uniform_error, "layers": budget.layers,
-        }  # fmt: skip
+            "uniform_cr": budget.uniform_cr,
+            "uniform_params_after": budget.uniform_params_after,
+            "uniform_error": budget.uniform_error,
+            "layers": budget.layers,
+        }
     return files
 
 
 def _top(
-    student: nn.Module, data: LightningDataModule, where: tuple[str, int, int], top_k: int, batches: int,
-    decode: Decode, prefix: Path, result: dict[str, Any],
-) -> Path:  # fmt: skip
+    student: nn.Module,
+    data: LightningDataModule,
+    where: tuple[str, int, int],
+    top_k: int,
+    batches: int,
+    decode: Decode,
+    prefix: Path,
+    result: dict[str, Any],
+) -> Path:
     """The inputs that excite one bond direction most, as CSV (``prefix_top_<layer>_b<bond>_d<direction>.csv``)."""
     layer, bond, direction = where
     rows = _top_inputs(student, data, layer, bond, direction, top_k, batches, _decoder(decode, data))

@@ -150,17 +150,23 @@ def train_teacher(config: Path, out_dir: Path, *, progress: bool = True, name: s
                 return facts
             print(f"teacher {name}: {config} changed since {weights} was trained; training again", flush=True)
         except Exception as err:  # noqa: BLE001 - json and safetensors raise several types for a damaged file
-            warnings.warn(f"teacher {name}: {weights} or {facts_file} is unreadable ({err}); training again",
-                          stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"teacher {name}: {weights} or {facts_file} is unreadable ({err}); training again", stacklevel=2
+            )
     print(f"teacher {name}: training (tnlit fit --config {config})", flush=True)
     started = time.perf_counter()
     with warnings.catch_warnings():
         # It warns that sys.argv (tnlit quickstart ...) is not what it parses: that is the point here.
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
         cli = lightning_cli(
-            ["fit", "--config", str(config), f"--trainer.default_root_dir={out_dir / name}",
-             f"--trainer.enable_progress_bar={str(progress).lower()}"]
-        )  # fmt: skip
+            [
+                "fit",
+                "--config",
+                str(config),
+                f"--trainer.default_root_dir={out_dir / name}",
+                f"--trainer.enable_progress_bar={str(progress).lower()}",
+            ]
+        )
     train_s = time.perf_counter() - started
     metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     with atomic_path(weights) as tmp:
@@ -231,17 +237,36 @@ def _markdown(rows: list[dict[str, Any]], teachers: dict[str, Any], total_s: flo
     ]
     for teacher in dict.fromkeys(r["teacher"] for r in rows):
         group = [r for r in rows if r["teacher"] == teacher]
-        cells = ("cr_rule", "compression_rate", "method", "init_metric", "final_metric", "best_metric",
-                 "time_to_best_s", "optimisation_s", "wall_s")  # fmt: skip
+        cells = (
+            "cr_rule",
+            "compression_rate",
+            "method",
+            "init_metric",
+            "final_metric",
+            "best_metric",
+            "time_to_best_s",
+            "optimisation_s",
+            "wall_s",
+        )
         lines += [
             "",
             f"## {teacher} ({_METRICS_LABEL[group[0]['metric']]}; teacher {group[0]['teacher_metric']})",
             "",
             *markdown_table(
-                ("CR (rule)", "CR (model)", "method", "start", "final", "best", "to best (s)", "optimisation (s)",
-                 "wall (s)"), ([r[c] for c in cells] for r in group),
+                (
+                    "CR (rule)",
+                    "CR (model)",
+                    "method",
+                    "start",
+                    "final",
+                    "best",
+                    "to best (s)",
+                    "optimisation (s)",
+                    "wall (s)",
+                ),
+                ([r[c] for c in cells] for r in group),
             ),
-        ]  # fmt: skip
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -264,8 +289,15 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         for r in group:
             xs, ys = zip(*r["curve"])
             style = ["-", "--", ":", "-."][crs.index(r["cr_rule"]) % 4]
-            ax.plot(xs, ys, style, marker="o", ms=3, color=colours.get(r["method"]),
-                    label=f"{r['method']}, CR {r['compression_rate']:.2f}")  # fmt: skip
+            ax.plot(
+                xs,
+                ys,
+                style,
+                marker="o",
+                ms=3,
+                color=colours.get(r["method"]),
+                label=f"{r['method']}, CR {r['compression_rate']:.2f}",
+            )
         ax.axhline(group[0]["teacher_metric"], color="grey", lw=1, ls=":", label="teacher")
         if group[0]["metric"] == "perplexity":
             ax.set_yscale("log")

@@ -164,8 +164,14 @@ class TokenizedTextDataModule(LightningDataModule):
 
     def _fingerprint(self, tokenizer: Any) -> dict[str, Any]:
         h = self.hparams
-        return {"format": _FORMAT, "source": self._source(), "tokenizer": _tokenizer_fingerprint(tokenizer),
-                "eos": tokenizer.eos_token_id, "val_fraction": h.val_fraction, "seed": h.seed}  # fmt: skip
+        return {
+            "format": _FORMAT,
+            "source": self._source(),
+            "tokenizer": _tokenizer_fingerprint(tokenizer),
+            "eos": tokenizer.eos_token_id,
+            "val_fraction": h.val_fraction,
+            "seed": h.seed,
+        }
 
     @property
     def cache_path(self) -> Path:
@@ -203,7 +209,7 @@ class TokenizedTextDataModule(LightningDataModule):
                 return len(files), (f.read_text(encoding="utf-8") for f in files)
             data = datasets.load_dataset(
                 "text", data_files=[str(f) for f in files], sample_by="document", split="train"
-            )  # fmt: skip
+            )
             return len(data), (row["text"] for row in data)
         try:
             import datasets
@@ -276,9 +282,13 @@ def _cache_problem(root: Path, fingerprint: dict[str, Any] | None) -> str | None
 
 
 def _build(
-    root: Path, fingerprint: dict[str, Any], documents: tuple[int, Iterator[str]], tokenizer: Any, val_fraction: float,
+    root: Path,
+    fingerprint: dict[str, Any],
+    documents: tuple[int, Iterator[str]],
+    tokenizer: Any,
+    val_fraction: float,
     seed: int,
-) -> None:  # fmt: skip
+) -> None:
     """Tokenize every document into train / val token files and their indexes; the manifest is written last."""
     count, texts = documents
     if count < 2:

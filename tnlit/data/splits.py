@@ -51,6 +51,10 @@ class ImageLoaders:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-        )  # fmt: skip
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )

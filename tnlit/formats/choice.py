@@ -176,9 +176,14 @@ def candidates(d_in: int, d_out: int, cr: float, splits: dict[int, int] | None =
 
 
 def apply_flops(
-    fmt: str, d_in: int, d_out: int, ranks: tuple[int, ...] | list[int], in_dims: tuple[int, ...] = (),
-    out_dims: tuple[int, ...] = (), tokens: int = 1,
-) -> float:  # fmt: skip
+    fmt: str,
+    d_in: int,
+    d_out: int,
+    ranks: tuple[int, ...] | list[int],
+    in_dims: tuple[int, ...] = (),
+    out_dims: tuple[int, ...] = (),
+    tokens: int = 1,
+) -> float:
     """FLOPs of applying a factorized ``(d_in, d_out)`` weight factor by factor to ``tokens`` input rows.
 
     Low rank: ``2 n r (d_in + d_out)``; an MPO: the cheaper of the left-to-right and right-to-left sweeps that keep the

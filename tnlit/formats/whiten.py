@@ -23,8 +23,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = [
-    "DEFAULT_DAMPING", "covariance_sqrt", "fit_to_covariance_", "output_error", "tucker2_outer_fit", "whitened_lowrank",
-]  # fmt: skip
+    "DEFAULT_DAMPING",
+    "covariance_sqrt",
+    "fit_to_covariance_",
+    "output_error",
+    "tucker2_outer_fit",
+    "whitened_lowrank",
+]
 
 DEFAULT_DAMPING = 1e-6
 """Relative damping: ``damping * mean(diag C)`` is added to every eigenvalue of ``C``."""
@@ -145,9 +150,14 @@ def _transpose_jacobian(reconstruct: Reconstruct, factors: list[torch.Tensor], k
 
 
 def _solve_factor(
-    reconstruct: Reconstruct, factors: list[torch.Tensor], k: int, wc: torch.Tensor, c: torch.Tensor,
-    max_iter: int, tol: float,
-) -> torch.Tensor:  # fmt: skip
+    reconstruct: Reconstruct,
+    factors: list[torch.Tensor],
+    k: int,
+    wc: torch.Tensor,
+    c: torch.Tensor,
+    max_iter: int,
+    tol: float,
+) -> torch.Tensor:
     """Minimise ``f(g) = tr((W'(g) - W) C (W'(g) - W)^T)`` over factor ``k`` by conjugate gradient.
 
     ``W'`` is linear in ``g``, so ``f`` is quadratic: gradient ``H g - b`` with ``H v = 2 J^T (W'(v) C)`` (the

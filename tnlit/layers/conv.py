@@ -79,10 +79,18 @@ class TuckerConv2d(TensorizedLayer):
         w = conv.weight.detach()
         core, u_out, u_in = tucker2_from_kernel(w, ranks=ranks, cr=cr, n_iter=n_iter)
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, (core.shape[0], core.shape[1]),
-            stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
-            contraction=contraction, device=w.device, dtype=w.dtype,
-        )  # fmt: skip
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            (core.shape[0], core.shape[1]),
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            contraction=contraction,
+            device=w.device,
+            dtype=w.dtype,
+        )
         with torch.no_grad():
             layer.core.copy_(core)
             layer.u_out.copy_(u_out)

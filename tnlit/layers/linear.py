@@ -137,9 +137,15 @@ class MPOLinear(FactorizedLinear):
             )
         cores = mpo_from_matrix(w, in_dims, out_dims, bond_dim=bond_dim, cr=cr)
         layer = cls(
-            in_dims, out_dims, [c.shape[-1] for c in cores[:-1]], bias=b is not None, layout=layout,
-            contraction=contraction, device=w.device, dtype=w.dtype,
-        )  # fmt: skip
+            in_dims,
+            out_dims,
+            [c.shape[-1] for c in cores[:-1]],
+            bias=b is not None,
+            layout=layout,
+            contraction=contraction,
+            device=w.device,
+            dtype=w.dtype,
+        )
         with torch.no_grad():
             for p, c in zip(layer.cores, cores):
                 p.copy_(c)
@@ -242,9 +248,15 @@ class LowRankLinear(FactorizedLinear):
         w, b, layout = dense_weight_io(module)
         a, bb = lowrank_from_matrix(w, rank=rank, cr=cr)
         layer = cls(
-            w.shape[0], w.shape[1], a.shape[1], bias=b is not None, layout=layout, contraction=contraction,
-            device=w.device, dtype=w.dtype,
-        )  # fmt: skip
+            w.shape[0],
+            w.shape[1],
+            a.shape[1],
+            bias=b is not None,
+            layout=layout,
+            contraction=contraction,
+            device=w.device,
+            dtype=w.dtype,
+        )
         with torch.no_grad():
             layer.a.copy_(a)
             layer.b.copy_(bb)

@@ -17,7 +17,6 @@ from tnlit.types import Schedule
 __all__ = ["FactorTraining", "Schedule", "configure_adam", "factor_parameters", "warmup_schedule"]
 
 
-
 def factor_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
     """The factors of every tensorized layer in ``modules`` (each once): what compression recovery trains."""
     seen: dict[int, nn.Parameter] = {}
@@ -122,6 +121,10 @@ class FactorTraining:
     def configure_optimizers(self) -> dict:
         h = self.hparams  # type: ignore[attr-defined]
         return configure_adam(
-            self.trainable, lr=h.lr, weight_decay=h.weight_decay, schedule=h.schedule, warmup_steps=h.warmup_steps,
+            self.trainable,
+            lr=h.lr,
+            weight_decay=h.weight_decay,
+            schedule=h.schedule,
+            warmup_steps=h.warmup_steps,
             total_steps=int(self.trainer.estimated_stepping_batches),  # type: ignore[attr-defined]
-        )  # fmt: skip
+        )

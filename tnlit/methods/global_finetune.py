@@ -24,7 +24,6 @@ from tnlit.types import Task, check_choice
 __all__ = ["GlobalFinetune", "feature_loss", "logits_of", "task_loss"]
 
 
-
 def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits of a classifier (a tensor) or of a Hugging Face model (``.logits``; an encoder's
     ``last_hidden_state``)."""

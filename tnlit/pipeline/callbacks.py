@@ -104,9 +104,12 @@ class EpochEvaluation(Callback):
     phases, appended to the state's ``curve`` and saved (``save``)."""
 
     def __init__(
-        self, state: dict[str, Any], save: Callable[[], None], phase: str,
+        self,
+        state: dict[str, Any],
+        save: Callable[[], None],
+        phase: str,
         evaluate: Callable[[nn.Module], dict[str, float]],
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.state, self.save, self.phase, self.evaluate = state, save, phase, evaluate
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -124,9 +127,13 @@ class Loggers:
     """The loggers of one compress() call: CSV for every phase; W&B, when asked, one run across the phases."""
 
     def __init__(
-        self, settings: LogSettings, run_dir: Path, state: dict[str, Any], config: dict[str, Any],
+        self,
+        settings: LogSettings,
+        run_dir: Path,
+        state: dict[str, Any],
+        config: dict[str, Any],
         save: Callable[[], None] = lambda: None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.settings, self.run_dir, self.state, self.config, self.save = settings, run_dir, state, config, save
 
     def for_phase(self, phase: str) -> list[Logger]:
@@ -159,11 +166,15 @@ class Loggers:
             run_id = self.state["wandb_id"] = uuid.uuid4().hex[:8]
             self.save()
         run = wandb.init(
-            project=self.settings.wandb_project, name=self.settings.wandb_name or self.run_dir.name, id=run_id,
-            resume="allow", config=self.config, dir=os.environ.get("WANDB_DIR", self.run_dir),
+            project=self.settings.wandb_project,
+            name=self.settings.wandb_name or self.run_dir.name,
+            id=run_id,
+            resume="allow",
+            config=self.config,
+            dir=os.environ.get("WANDB_DIR", self.run_dir),
             mode=os.environ.get("WANDB_MODE") or self.settings.wandb_mode,
             reinit="create_new",  # apart from any run the caller has open; WandbLogger gets this one
-        )  # fmt: skip
+        )
         run.define_metric("trainer/global_step")
         run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
         _WANDB_RUNS[run_id] = run

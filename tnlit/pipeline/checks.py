@@ -18,8 +18,10 @@ def check_teacher(model: nn.Module, name: str) -> None:
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise ValueError(f"teacher {name!r} has non-finite (NaN or inf) weights in {', '.join(bad[:5])}{more}: "
-                         "give sound teacher weights")  # fmt: skip
+        raise ValueError(
+            f"teacher {name!r} has non-finite (NaN or inf) weights in {', '.join(bad[:5])}{more}: "
+            "give sound teacher weights"
+        )
 
 
 def _positions(model: nn.Module) -> int | None:
@@ -38,8 +40,9 @@ def check_data(data: LightningDataModule, model: nn.Module) -> None:
         raise ValueError(f"data batch_size must be at least 1, got {batch_size}")
     seq_len, positions = getattr(data, "seq_len", None), _positions(model)
     if isinstance(seq_len, int) and positions is not None and seq_len > positions:
-        raise ValueError(f"data seq_len={seq_len} is longer than the teacher's {positions} positions: give seq_len "
-                         f"<= {positions}")  # fmt: skip
+        raise ValueError(
+            f"data seq_len={seq_len} is longer than the teacher's {positions} positions: give seq_len <= {positions}"
+        )
     if isinstance(seq_len, int) and seq_len < 1:
         raise ValueError(f"data seq_len must be at least 1, got {seq_len}")
     for key, path in data_files(data).items():

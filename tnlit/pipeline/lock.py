@@ -68,8 +68,11 @@ def _take(path: Path, what: str) -> None:
             holder = _holder(path)
             reason = _stale(path, holder)
             if reason is None:
-                who = f"PID {holder['pid']} on host {holder['host']} (since {holder.get('since')})" if holder else (
-                    "a process that is writing its lock")  # fmt: skip
+                who = (
+                    f"PID {holder['pid']} on host {holder['host']} (since {holder.get('since')})"
+                    if holder
+                    else ("a process that is writing its lock")
+                )
                 raise LockError(
                     f"{what} {path.parent} is in use by {who}: wait for it to end, or use another directory. If that "
                     f"process is gone (another host cannot be checked from here), delete {path}"

@@ -21,9 +21,14 @@ __all__ = ["rank_worker", "train_share"]
 
 
 def train_share(
-    ranks: distributed.Ranks, model: nn.Module, student: nn.Module, data: LightningDataModule, slices: list[Slice],
-    settings: SliceSettings, run: Run,
-) -> None:  # fmt: skip
+    ranks: distributed.Ranks,
+    model: nn.Module,
+    student: nn.Module,
+    data: LightningDataModule,
+    slices: list[Slice],
+    settings: SliceSettings,
+    run: Run,
+) -> None:
     """One rank's share of the slices, then the wait for every rank. Rank 0 then loads every slice and records each
     rank's share and times in the run's state: ``times`` gets every rank's phases, ``distributed`` the shares and the
     job's slice-wise time (its slowest rank's)."""
@@ -55,16 +60,25 @@ def _record_shares(run: Run, ranks: distributed.Ranks, reports: list[dict[str, A
         report["wall_s"] = sum(t.get("wall_s", 0.0) for t in report["times"].values())
         del report["times"]
     run.state["distributed"] = {
-        "world_size": ranks.world_size, "ranks": reports,
-        "optimisation_s": max(r["optimisation_s"] for r in reports), "wall_s": max(r["wall_s"] for r in reports),
-    }  # fmt: skip
+        "world_size": ranks.world_size,
+        "ranks": reports,
+        "optimisation_s": max(r["optimisation_s"] for r in reports),
+        "wall_s": max(r["wall_s"] for r in reports),
+    }
     run.save()
 
 
 def rank_worker(
-    ranks: distributed.Ranks, model: nn.Module, student: nn.Module, data: LightningDataModule, slices: list[Slice],
-    run: Run, config: dict[str, Any], slicewise: SliceSettings, finetune: FinetuneSettings,
-) -> dict[str, Any]:  # fmt: skip
+    ranks: distributed.Ranks,
+    model: nn.Module,
+    student: nn.Module,
+    data: LightningDataModule,
+    slices: list[Slice],
+    run: Run,
+    config: dict[str, Any],
+    slicewise: SliceSettings,
+    finetune: FinetuneSettings,
+) -> dict[str, Any]:
     """A rank above 0: once rank 0 has claimed the run directory and prepared the data, train this rank's share of
     the slices (CSV logs only, no progress bars) and wait for the others, then take part in the global phase's DDP;
     rank 0 evaluates and writes everything else."""
@@ -78,7 +92,11 @@ def rank_worker(
         train_share(ranks, model, student, data, slices, slicewise, run)
     if config["method"] in ("global", "hybrid"):
         # Its times go to its own directory; rank 0 writes the run's state and result.
-        ddp = replace(run, trainer={**run.trainer, **ranks.ddp(run.accelerator)}, writer=False,
-                      state_dir=run.root / "ranks" / f"rank{ranks.rank}")  # fmt: skip
+        ddp = replace(
+            run,
+            trainer={**run.trainer, **ranks.ddp(run.accelerator)},
+            writer=False,
+            state_dir=run.root / "ranks" / f"rank{ranks.rank}",
+        )
         global_phase(model, student, data, config["task"], finetune, ddp)
     return {"rank": ranks.rank, "world_size": ranks.world_size}

@@ -43,12 +43,20 @@ def fit(
     if run.progress and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(PhaseProgressBar(label or phase))
     trainer = Trainer(
-        max_epochs=epochs, accelerator=run.accelerator, precision=run.precision,
-        devices=run.trainer.get("devices", 1), strategy=run.trainer.get("strategy", "auto"),
-        num_nodes=run.trainer.get("num_nodes", 1), logger=run.loggers.for_phase(phase) if run.loggers else False,
-        callbacks=callbacks, enable_progress_bar=run.progress, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, log_every_n_steps=10,
-    )  # fmt: skip
+        max_epochs=epochs,
+        accelerator=run.accelerator,
+        precision=run.precision,
+        devices=run.trainer.get("devices", 1),
+        strategy=run.trainer.get("strategy", "auto"),
+        num_nodes=run.trainer.get("num_nodes", 1),
+        logger=run.loggers.for_phase(phase) if run.loggers else False,
+        callbacks=callbacks,
+        enable_progress_bar=run.progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=10,
+    )
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
@@ -76,9 +84,13 @@ def initialise(model: nn.Module, student: nn.Module, data: LightningDataModule, 
     names = tensorized_names(student)
     covariances = input_covariances(model.to(run.device), data.train_dataloader(), names, init.calibration_batches)
     errors = activation_init_(
-        student.to(run.device), model, covariances, damping=init.damping, sweeps=init.sweeps,
+        student.to(run.device),
+        model,
+        covariances,
+        damping=init.damping,
+        sweeps=init.sweeps,
         max_cg_iter=init.cg_steps,
-    )  # fmt: skip
+    )
     seconds = time.perf_counter() - started
     run.state["init"] = {name: {k: round(v, 6) for k, v in e.items()} for name, e in errors.items()}
     run.state.setdefault("times", {})["init"] = {"optimisation_s": seconds, "wall_s": seconds}
@@ -87,9 +99,14 @@ def initialise(model: nn.Module, student: nn.Module, data: LightningDataModule, 
 
 
 def train_slices(
-    model: nn.Module, student: nn.Module, data: LightningDataModule, slices: list[Slice], settings: SliceSettings,
-    run: Run, phase: str = "slicewise",
-) -> None:  # fmt: skip
+    model: nn.Module,
+    student: nn.Module,
+    data: LightningDataModule,
+    slices: list[Slice],
+    settings: SliceSettings,
+    run: Run,
+    phase: str = "slicewise",
+) -> None:
     """Train the slices that are not finished yet (``stream`` / ``cache``: together; ``serial``: one after another)
     and load the finished ones. Finished slices go to the run's ``slices/``; the phases' state, epoch checkpoints
     and the default activation store to ``run.dir`` (the run directory, or a rank's own directory in a job)."""
@@ -102,13 +119,23 @@ def train_slices(
             # slices, so that a serial run resumed after its first slices finds the store it built.
             store = _activation_store(model, data, slices, settings, run)
         module = SliceDistillation(
-            model if store is None else None, student, group, lr=settings.lr, weight_decay=settings.weight_decay,
-            schedule=settings.schedule, warmup_steps=settings.warmup_steps, inputs=settings.inputs,
+            model if store is None else None,
+            student,
+            group,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            schedule=settings.schedule,
+            warmup_steps=settings.warmup_steps,
+            inputs=settings.inputs,
             loss=settings.loss,
-        )  # fmt: skip
-        source = data if store is None else ActivationDataModule(
-            store.root, [s.name for s in group], shuffle=settings.cache_shuffle, seed=run.seed
-        )  # fmt: skip
+        )
+        source = (
+            data
+            if store is None
+            else ActivationDataModule(
+                store.root, [s.name for s in group], shuffle=settings.cache_shuffle, seed=run.seed
+            )
+        )
         name = f"slice:{group[0].name}" if settings.mode == "serial" else phase
         label = name if settings.mode == "serial" else f"{phase}: {len(group)} slices ({settings.mode})"
         fit(module, source, run, name, settings.epochs, label=label)
@@ -129,11 +156,19 @@ def _activation_store(
     shared = hold(settings.cache_dir, "activation store") if settings.cache_dir is not None else nullcontext()
     with shared:  # a shared store: one process builds it at a time
         store = open_store(
-            settings.cache_dir or run.dir / "cache", model, data, slices, seed=run.seed, dtype=settings.cache_dtype,
-            device=run.device, autocast=autocast, progress=run.progress,
-        )  # fmt: skip
-    times = run.state.setdefault("times", {}).setdefault("cache", {"optimisation_s": 0.0, "wall_s": 0.0,
-                                                                    "shards_built": 0})  # fmt: skip
+            settings.cache_dir or run.dir / "cache",
+            model,
+            data,
+            slices,
+            seed=run.seed,
+            dtype=settings.cache_dtype,
+            device=run.device,
+            autocast=autocast,
+            progress=run.progress,
+        )
+    times = run.state.setdefault("times", {}).setdefault(
+        "cache", {"optimisation_s": 0.0, "wall_s": 0.0, "shards_built": 0}
+    )
     times["wall_s"] += time.perf_counter() - started
     times["shards_built"] += store.built
     run.save()
@@ -141,9 +176,13 @@ def _activation_store(
 
 
 def global_phase(
-    model: nn.Module, student: nn.Module, data: LightningDataModule, task: TaskLike, finetune: FinetuneSettings,
+    model: nn.Module,
+    student: nn.Module,
+    data: LightningDataModule,
+    task: TaskLike,
+    finetune: FinetuneSettings,
     run: Run,
-) -> None:  # fmt: skip
+) -> None:
     """Global finetuning of the student's factors, or its earlier result (``global.safetensors``) loaded. A task with
     no loss of its own (``features``, a callable metric) trains by feature distillation of the final output against
     the teacher's."""
@@ -153,10 +192,16 @@ def global_phase(
         return
     loss = task if isinstance(task, str) and task != "features" else "features"
     module = GlobalFinetune(
-        student, task=loss, teacher=model if finetune.kd_weight or loss == "features" else None, lr=finetune.lr,
-        weight_decay=finetune.weight_decay, schedule=finetune.schedule, warmup_steps=finetune.warmup_steps,
-        kd_weight=finetune.kd_weight, temperature=finetune.temperature,
-    )  # fmt: skip
+        student,
+        task=loss,
+        teacher=model if finetune.kd_weight or loss == "features" else None,
+        lr=finetune.lr,
+        weight_decay=finetune.weight_decay,
+        schedule=finetune.schedule,
+        warmup_steps=finetune.warmup_steps,
+        kd_weight=finetune.kd_weight,
+        temperature=finetune.temperature,
+    )
     with _batch_size(data, finetune.batch_size):
         fit(module, data, run, "global", finetune.epochs)
     if run.writer:  # one writer: the run's own process, or rank 0 of a job
@@ -179,9 +224,13 @@ def _batch_size(data: LightningDataModule, size: int | None) -> Iterator[None]:
 def _epoch_checkpoint(ckpt_dir: Path) -> VerifiedCheckpoint:
     """``last.ckpt``, replaced at the end of every epoch (Lightning writes it atomically), with its checksum."""
     return VerifiedCheckpoint(
-        dirpath=ckpt_dir, filename="last", save_top_k=1, monitor=None, save_on_train_epoch_end=True,
+        dirpath=ckpt_dir,
+        filename="last",
+        save_top_k=1,
+        monitor=None,
+        save_on_train_epoch_end=True,
         enable_version_counter=False,
-    )  # fmt: skip
+    )
 
 
 def _usable_checkpoint(path: Path) -> Path | None:
@@ -196,7 +245,9 @@ def _usable_checkpoint(path: Path) -> Path | None:
         problem = f"unreadable ({err})"
     if problem is None:
         return path
-    warnings.warn(f"checkpoint {path} is {problem}; set aside as {path.name}.corrupt: this phase starts again from "
-                  "its beginning", stacklevel=2)  # fmt: skip
+    warnings.warn(
+        f"checkpoint {path} is {problem}; set aside as {path.name}.corrupt: this phase starts again from its beginning",
+        stacklevel=2,
+    )
     path.rename(path.with_name(path.name + ".corrupt"))
     return None

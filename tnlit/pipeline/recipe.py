@@ -111,8 +111,9 @@ def compress(
         model, student, report, slices = _load(teacher, teacher_weights, data, plan, slicewise, method, seed)
         if ranks is not None and not ranks.main:
             return rank_worker(ranks, model, student, data, slices, run, config, slicewise, finetune)
-        run.state = open_run_dir(run.dir, config, overwrite, compress,
-                                 lambda previous: run_inputs(model, teacher_weights, data, previous))  # fmt: skip
+        run.state = open_run_dir(
+            run.dir, config, overwrite, compress, lambda previous: run_inputs(model, teacher_weights, data, previous)
+        )
         _prepare(run, model, student, report, data, init, config, log)
         if eval_each_epoch:
             run.evaluate = lambda student: evaluate_task(student, data, task, run.device, teacher=model)
@@ -123,9 +124,14 @@ def compress(
 
 
 def _load(
-    teacher: str | nn.Module, teacher_weights: Path | None, data: LightningDataModule, plan: TensorizePlan,
-    slicewise: SliceSettings, method: Method, seed: int,
-) -> tuple[nn.Module, nn.Module, CompressionReport, list[Slice]]:  # fmt: skip
+    teacher: str | nn.Module,
+    teacher_weights: Path | None,
+    data: LightningDataModule,
+    plan: TensorizePlan,
+    slicewise: SliceSettings,
+    method: Method,
+    seed: int,
+) -> tuple[nn.Module, nn.Module, CompressionReport, list[Slice]]:
     """The teacher (seeded: one without weights is the run's own initialisation), checked with the data,
     tensorized, and sliced.
 
@@ -148,8 +154,10 @@ def _named(args: dict[str, Any]) -> dict[str, Any]:
     named = dict(args)
     if isinstance(args["teacher"], nn.Module):
         cls = type(args["teacher"])
-        named["teacher"] = {"module": f"{cls.__module__}.{cls.__qualname__}",
-                            "sha256": teacher_fingerprint(args["teacher"])}  # fmt: skip
+        named["teacher"] = {
+            "module": f"{cls.__module__}.{cls.__qualname__}",
+            "sha256": teacher_fingerprint(args["teacher"]),
+        }
     if not isinstance(args["task"], str):
         if distributed.current() is not None:
             raise ValueError("a callable task needs a one-process run: give classification, causal_lm or features")
@@ -166,9 +174,15 @@ def _teacher(teacher: str | nn.Module, weights: Path | None) -> nn.Module:
 
 
 def _prepare(
-    run: Run, model: nn.Module, student: nn.Module, report: CompressionReport, data: LightningDataModule,
-    init: InitSettings, config: dict[str, Any], log: LogSettings,
-) -> None:  # fmt: skip
+    run: Run,
+    model: nn.Module,
+    student: nn.Module,
+    report: CompressionReport,
+    data: LightningDataModule,
+    init: InitSettings,
+    config: dict[str, Any],
+    log: LogSettings,
+) -> None:
     """Write the report, set up the data, fit the start when asked, and open the loggers."""
     if run.state.get("done") and (run.dir / "report.csv").exists():  # written when the run finished; read-only ok
         return _prepare_data(run, model, student, data, init, config, log)
@@ -177,15 +191,23 @@ def _prepare(
     save_architecture(model, run.dir)  # the student then loads without the teacher (tnlit.load_student)
     if report.choices:
         report.choices_to_csv(run.dir / "choices.csv")
-    run.state["compression"] = {"params_before": report.params_before, "params_after": report.params_after,
-                                "compression_rate": report.compression_rate}  # fmt: skip
+    run.state["compression"] = {
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "compression_rate": report.compression_rate,
+    }
     _prepare_data(run, model, student, data, init, config, log)
 
 
 def _prepare_data(
-    run: Run, model: nn.Module, student: nn.Module, data: LightningDataModule, init: InitSettings,
-    config: dict[str, Any], log: LogSettings,
-) -> None:  # fmt: skip
+    run: Run,
+    model: nn.Module,
+    student: nn.Module,
+    data: LightningDataModule,
+    init: InitSettings,
+    config: dict[str, Any],
+    log: LogSettings,
+) -> None:
     data.prepare_data()
     data.setup("fit")
     initialise(model, student, data, init, run)
@@ -193,9 +215,16 @@ def _prepare_data(
 
 
 def _recover(
-    run: Run, model: nn.Module, student: nn.Module, data: LightningDataModule, task: TaskLike, method: Method,
-    slices: list[Slice], slicewise: SliceSettings, finetune: FinetuneSettings,
-) -> None:  # fmt: skip
+    run: Run,
+    model: nn.Module,
+    student: nn.Module,
+    data: LightningDataModule,
+    task: TaskLike,
+    method: Method,
+    slices: list[Slice],
+    slicewise: SliceSettings,
+    finetune: FinetuneSettings,
+) -> None:
     """Measure the teacher and the untrained student, then run the method's phases, each measured after it."""
 
     def measure(net: nn.Module) -> dict[str, float]:

@@ -45,10 +45,23 @@ from tnlit.slices import Slice, SliceModule
 from tnlit.tensorize import Rule, TensorizePlan
 
 __all__ = [
-    "Run", "RunDirError", "data_files", "datamodule_from_config", "device_for", "factor_state", "identity",
-    "open_run_dir", "plain", "read_json", "read_run_config", "read_state", "refuse_another", "register_datamodule",
-    "run_inputs", "usable",
-]  # fmt: skip
+    "Run",
+    "RunDirError",
+    "data_files",
+    "datamodule_from_config",
+    "device_for",
+    "factor_state",
+    "identity",
+    "open_run_dir",
+    "plain",
+    "read_json",
+    "read_run_config",
+    "read_state",
+    "refuse_another",
+    "register_datamodule",
+    "run_inputs",
+    "usable",
+]
 
 
 class RunDirError(RuntimeError):
@@ -203,8 +216,13 @@ def _with_defaults(old: dict[str, Any], defaults_of: Callable[..., Any]) -> dict
     """A saved config with the settings it lacks at their defaults (those of ``defaults_of``'s signature): a setting
     added to tnlit after a run started, left at its default, computes what the run computed, so the run stays
     resumable (and finished)."""
-    defaults = plain({name: p.default for name, p in inspect.signature(defaults_of).parameters.items()
-                      if p.default is not inspect.Parameter.empty})  # fmt: skip
+    defaults = plain(
+        {
+            name: p.default
+            for name, p in inspect.signature(defaults_of).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+    )
     defaults["plan"] = plain({"plan": TensorizePlan(rules=[])})["plan"]
     rule = plain({"rule": Rule(pattern=".", format="mpo")})["rule"]
 
@@ -244,9 +262,12 @@ def refuse_another(run_dir: Path, config: dict[str, Any], overwrite: bool, defau
 
 
 def open_run_dir(
-    run_dir: Path, config: dict[str, Any], overwrite: bool, defaults_of: Callable[..., Any],
+    run_dir: Path,
+    config: dict[str, Any],
+    overwrite: bool,
+    defaults_of: Callable[..., Any],
     inputs_of: Callable[[dict[str, Any]], dict[str, Any]] = lambda previous: {},
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """The run's state: fresh, or resumed when the directory holds a run of the same config and inputs.
 
     ``inputs_of(previous)`` gives the identity of what the run reads besides its config (:func:`run_inputs`; given the
@@ -268,8 +289,9 @@ def open_run_dir(
             "of the two. Restore it, give another run_dir, or overwrite=true to start afresh"
         )
     elif state and "inputs" not in state:
-        warnings.warn(f"{run_dir} recorded no identity of its teacher and data (an older run): adopting them now",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{run_dir} recorded no identity of its teacher and data (an older run): adopting them now", stacklevel=2
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     if not saved.exists():
         atomic_text(saved, json.dumps(config, indent=2) + "\n")
@@ -300,8 +322,11 @@ def _changed_inputs(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str
     if old.get("teacher", {}).get("sha256") != new.get("teacher", {}).get("sha256"):
         changed.append(f"teacher (weights {new.get('teacher', {}).get('weights') or 'by name'})")
     files = set(old.get("data_files", {})) | set(new.get("data_files", {}))
-    changed += [f"data file {f}" for f in sorted(files) if old.get("data_files", {}).get(f, {}).get("sha256")
-                != new.get("data_files", {}).get(f, {}).get("sha256")]  # fmt: skip
+    changed += [
+        f"data file {f}"
+        for f in sorted(files)
+        if old.get("data_files", {}).get(f, {}).get("sha256") != new.get("data_files", {}).get(f, {}).get("sha256")
+    ]
     return changed
 
 
@@ -342,8 +367,11 @@ def run_inputs(
             stat = Path(weights).stat()
             teacher.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
         teacher["sha256"] = teacher_fingerprint(model)
-    files = {str(p.resolve()): _file_identity(p, previous.get("data_files", {}).get(str(p.resolve())))
-             for p in data_files(data).values() if p.is_file()}  # fmt: skip
+    files = {
+        str(p.resolve()): _file_identity(p, previous.get("data_files", {}).get(str(p.resolve())))
+        for p in data_files(data).values()
+        if p.is_file()
+    }
     return {"teacher": teacher, "data_files": files}
 
 
@@ -372,8 +400,11 @@ def read_state(path: Path) -> dict[str, Any]:
         problem = f"unreadable ({err})"
     if problem is None:
         return state
-    warnings.warn(f"{path} cannot be trusted: {problem}; set aside as {path.name}.corrupt: the run's record starts "
-                  "afresh (finished pieces are kept, metrics measured again)", stacklevel=2)  # fmt: skip
+    warnings.warn(
+        f"{path} cannot be trusted: {problem}; set aside as {path.name}.corrupt: the run's record starts "
+        "afresh (finished pieces are kept, metrics measured again)",
+        stacklevel=2,
+    )
     path.replace(path.with_name(path.name + ".corrupt"))
     return {}
 

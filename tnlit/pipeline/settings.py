@@ -151,17 +151,26 @@ def _check_choices(prefix: str, settings: object) -> None:
 
 def _check_counts(slicewise: SliceSettings, finetune: FinetuneSettings) -> None:
     """Epochs and batch sizes are whole numbers >= 1 (a phase's, whether or not the method runs it)."""
-    counts = {"slicewise.epochs": slicewise.epochs, "finetune.epochs": finetune.epochs,
-              "finetune.batch_size": finetune.batch_size}  # fmt: skip
+    counts = {
+        "slicewise.epochs": slicewise.epochs,
+        "finetune.epochs": finetune.epochs,
+        "finetune.batch_size": finetune.batch_size,
+    }
     for name, value in counts.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
 def check_settings(
-    method: Method, slicewise: SliceSettings, finetune: FinetuneSettings, init: InitSettings,
-    data: LightningDataModule, eval_each_epoch: bool, *, distributed_job: bool,
-) -> None:  # fmt: skip
+    method: Method,
+    slicewise: SliceSettings,
+    finetune: FinetuneSettings,
+    init: InitSettings,
+    data: LightningDataModule,
+    eval_each_epoch: bool,
+    *,
+    distributed_job: bool,
+) -> None:
     """Refuse settings that cannot work, alone or together, before anything is loaded, trained or written."""
     check_choice("method", method, Method)
     for prefix, settings in (("slicewise", slicewise), ("finetune", finetune), ("init", init)):

@@ -50,9 +50,13 @@ def stop_on_signals(run_dir: Path, command: str = "the same command") -> Iterato
         yield
     except (RunInterrupted, SIGTERMException) as err:  # SIGTERMException: Lightning's, should its handler run alone
         signum = getattr(err, "signum", signal.SIGTERM)
-        print(f"tnlit: the run in {run_dir} stopped on {signal.Signals(signum).name}; its progress is kept as far as "
-              "it was checkpointed (finished slices and phases, the current phase's last epoch). Rerun "
-              f"{command} to resume it.", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"tnlit: the run in {run_dir} stopped on {signal.Signals(signum).name}; its progress is kept as far as "
+            "it was checkpointed (finished slices and phases, the current phase's last epoch). Rerun "
+            f"{command} to resume it.",
+            file=sys.stderr,
+            flush=True,
+        )
         if isinstance(err, RunInterrupted):
             raise
         raise RunInterrupted(signum) from err

@@ -140,13 +140,21 @@ def _choose(targets: list[Target], covariances: dict[str, torch.Tensor]) -> list
         t.site_dims = (pick.in_dims, pick.out_dims) if pick.format == "mpo" else None
         rows += [
             ChoiceRow(
-                layer=t.name, candidate=s.candidate.label, format=s.candidate.format, sites=s.candidate.sites,
-                site_dims=s.candidate.site_dims, ranks=list(s.candidate.ranks), params=s.candidate.params,
-                cr=1.0 - s.candidate.params / t.weight_params, rel_error=s.rel_error,
-                metric="weight" if cov is None else "output", chosen=i == best, flops_ratio=s.flops_ratio,
+                layer=t.name,
+                candidate=s.candidate.label,
+                format=s.candidate.format,
+                sites=s.candidate.sites,
+                site_dims=s.candidate.site_dims,
+                ranks=list(s.candidate.ranks),
+                params=s.candidate.params,
+                cr=1.0 - s.candidate.params / t.weight_params,
+                rel_error=s.rel_error,
+                metric="weight" if cov is None else "output",
+                chosen=i == best,
+                flops_ratio=s.flops_ratio,
             )
             for i, s in enumerate(scored)
-        ]  # fmt: skip
+        ]
     return rows
 
 
@@ -169,10 +177,18 @@ def _relative_error(dense: nn.Module, layer: TensorizedLayer) -> float:
 def _row(t: Target, err: float | None) -> LayerReport:
     sites = "" if t.site_dims is None else " -> ".join("x".join(map(str, dims)) for dims in t.site_dims)
     return LayerReport(
-        name=t.name, format=t.format, module_type=type(t.module).__name__, shape=list(t.module.weight.shape),
-        site_dims=sites, ranks=list(t.ranks), weight_params=t.weight_params, factor_params=t.factor_params,
-        cr=1.0 - t.factor_params / t.weight_params, rel_error=err, flops_ratio=_flops_ratio(t),
-    )  # fmt: skip
+        name=t.name,
+        format=t.format,
+        module_type=type(t.module).__name__,
+        shape=list(t.module.weight.shape),
+        site_dims=sites,
+        ranks=list(t.ranks),
+        weight_params=t.weight_params,
+        factor_params=t.factor_params,
+        cr=1.0 - t.factor_params / t.weight_params,
+        rel_error=err,
+        flops_ratio=_flops_ratio(t),
+    )
 
 
 def _flops_ratio(t: Target) -> float | None:

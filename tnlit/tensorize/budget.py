@@ -375,12 +375,17 @@ def _uniform_options(
 
 
 def _frontiers(
-    curves: list[LayerCurve], options: list[list[Option]], uniform: list[Option] | None, cap: float,
+    curves: list[LayerCurve],
+    options: list[list[Option]],
+    uniform: list[Option] | None,
+    cap: float,
     max_error: float | None,
-) -> list[list[Option]]:  # fmt: skip
+) -> list[list[Option]]:
     """Each layer's Pareto curve of the options within the error cap (the uniform plan's option among them)."""
-    frontiers = [_pareto([o for o in [*opts, *([u] if u else [])] if o.error <= cap])
-                 for opts, u in zip(options, uniform or [None] * len(curves))]  # fmt: skip
+    frontiers = [
+        _pareto([o for o in [*opts, *([u] if u else [])] if o.error <= cap])
+        for opts, u in zip(options, uniform or [None] * len(curves))
+    ]
     stuck = [c.name for c, f in zip(curves, frontiers) if not f]
     if stuck:
         raise ValueError(
@@ -391,28 +396,46 @@ def _frontiers(
 
 
 def _budget_plan(
-    model: nn.Module, plan: TensorizePlan, curves: list[LayerCurve], alloc: list[Option],
-    uniform: list[Option] | None, uniform_cr: float, budget: int, before: int, max_error: float | None,
-) -> BudgetPlan:  # fmt: skip
+    model: nn.Module,
+    plan: TensorizePlan,
+    curves: list[LayerCurve],
+    alloc: list[Option],
+    uniform: list[Option] | None,
+    uniform_cr: float,
+    budget: int,
+    before: int,
+    max_error: float | None,
+) -> BudgetPlan:
     """The allocation as a plan of one rule per layer, with the uniform plan's figures beside it."""
     fixed = before - sum(c.weight_params for c in curves)
     source = {t.name: t.rule for t in resolve(model, _exact(plan))}
     result = TensorizePlan(rules=[_rule(c, source[c.name], o.ranks) for c, o in zip(curves, alloc)])
     layers = [
-        {"name": c.name, "format": c.format, "ranks": list(o.ranks), "params": o.params,
-         "cr": 1 - o.params / c.weight_params, "rel_error": o.error,
-         "uniform_ranks": None if uniform is None else list(u.ranks),
-         "uniform_rel_error": None if uniform is None else u.error}
+        {
+            "name": c.name,
+            "format": c.format,
+            "ranks": list(o.ranks),
+            "params": o.params,
+            "cr": 1 - o.params / c.weight_params,
+            "rel_error": o.error,
+            "uniform_ranks": None if uniform is None else list(u.ranks),
+            "uniform_rel_error": None if uniform is None else u.error,
+        }
         for c, o, u in zip(curves, alloc, uniform or [None] * len(curves))
-    ]  # fmt: skip
+    ]
     return BudgetPlan(
-        plan=result, budget=budget, params_before=before, params_after=fixed + sum(o.params for o in alloc),
-        total_error=sum(o.error for o in alloc), max_error=max_error,
+        plan=result,
+        budget=budget,
+        params_before=before,
+        params_after=fixed + sum(o.params for o in alloc),
+        total_error=sum(o.error for o in alloc),
+        max_error=max_error,
         uniform_cr=None if uniform is None else uniform_cr,
         uniform_plan=None if uniform is None else _uniform(plan, uniform_cr),
         uniform_params_after=None if uniform is None else fixed + sum(o.params for o in uniform),
-        uniform_error=None if uniform is None else sum(o.error for o in uniform), layers=layers,
-    )  # fmt: skip
+        uniform_error=None if uniform is None else sum(o.error for o in uniform),
+        layers=layers,
+    )
 
 
 def _check_reach(budget: int, fixed: int, room: int, least: list[int], before: int, within: str) -> None:

@@ -60,10 +60,12 @@ class Rule:
         defaults (the FLOPs objective off, ``sites`` of a format that has none) are left out."""
         defaults = {f.name: f.default for f in fields(self)}
         return {
-            k: v for k, v in asdict(self).items()
-            if v is not None and not (k.startswith("flops_") and v == defaults[k])
+            k: v
+            for k, v in asdict(self).items()
+            if v is not None
+            and not (k.startswith("flops_") and v == defaults[k])
             and not (k == "sites" and self.format != "mpo")
-        }  # fmt: skip
+        }
 
     def __post_init__(self) -> None:
         where = f"rule {self.pattern!r}"
@@ -87,8 +89,9 @@ class Rule:
         if self.flops_weight < 0 or self.flops_tokens < 1:
             raise TensorizeError(f"{where}: flops_weight must be >= 0 and flops_tokens >= 1")
         if self.flops_weight and self.format != "auto":
-            raise TensorizeError(f"{where}: flops_weight weighs the candidates of format 'auto'; this rule is "
-                                 f"'{self.format}'")  # fmt: skip
+            raise TensorizeError(
+                f"{where}: flops_weight weighs the candidates of format 'auto'; this rule is '{self.format}'"
+            )
         if self.bond_dim is not None and self.format != "mpo":
             raise TensorizeError(f"{where}: bond_dim is for the 'mpo' format; '{self.format}' takes rank or cr")
         if self.rank is not None and self.format == "mpo":

@@ -54,9 +54,16 @@ def _layer(row: Mapping[str, Any], module: nn.Module) -> TensorizedLayer:
         if not isinstance(module, nn.Conv2d):
             raise ValueError(f"report row {row['name']!r} is a tucker layer; the model has a {type(module).__name__}")
         return TuckerConv2d(
-            module.in_channels, module.out_channels, module.kernel_size, ranks, stride=module.stride,
-            padding=module.padding, dilation=module.dilation, bias=module.bias is not None, **kw,
-        )  # fmt: skip
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            ranks,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            bias=module.bias is not None,
+            **kw,
+        )
     if isinstance(module, nn.Linear):
         layout, (d_out, d_in) = "linear", row["shape"]
     elif is_hf_conv1d(module):
@@ -69,8 +76,9 @@ def _layer(row: Mapping[str, Any], module: nn.Module) -> TensorizedLayer:
     if fmt == "mpo":
         in_dims, out_dims = parse_site_dims(row["site_dims"])
         return MPOLinear(in_dims, out_dims, ranks, bias=bias, layout=layout, **kw)
-    raise ValueError(f"report row {row['name']!r}: unknown format {fmt!r} (a report of tensorize names mpo, lowrank, "
-                     "tucker)")
+    raise ValueError(
+        f"report row {row['name']!r}: unknown format {fmt!r} (a report of tensorize names mpo, lowrank, tucker)"
+    )
 
 
 def tensorize_architecture(model: nn.Module, rows: Iterable[Any]) -> nn.Module:

@@ -109,17 +109,33 @@ class CompressionReport:
         write_rows(path, _CHOICE_COLUMNS, self.choices)
 
     def __str__(self) -> str:
-        head = ["layer", "format", "shape", "site dims", "ranks", "params", "factors", "CR", "rel. error",
-                "FLOPs/dense"]  # fmt: skip
+        head = [
+            "layer",
+            "format",
+            "shape",
+            "site dims",
+            "ranks",
+            "params",
+            "factors",
+            "CR",
+            "rel. error",
+            "FLOPs/dense",
+        ]
         body = [
             [
-                r.name, r.format, "x".join(map(str, r.shape)), r.site_dims, ",".join(map(str, r.ranks)),
-                f"{r.weight_params:,}", f"{r.factor_params:,}", f"{r.cr:.4f}",
+                r.name,
+                r.format,
+                "x".join(map(str, r.shape)),
+                r.site_dims,
+                ",".join(map(str, r.ranks)),
+                f"{r.weight_params:,}",
+                f"{r.factor_params:,}",
+                f"{r.cr:.4f}",
                 "-" if r.rel_error is None else f"{r.rel_error:.4f}",
                 "-" if r.flops_ratio is None else f"{r.flops_ratio:.3g}",
             ]
             for r in self.layers
-        ]  # fmt: skip
+        ]
         widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
         lines.insert(1, "  ".join("-" * w for w in widths))
