@@ -23,7 +23,7 @@ from tnlit.methods.slice_distill import SliceDistillation
 from tnlit.pipeline.callbacks import EpochEvaluation, OptimisationTimer, PhaseProgressBar, VerifiedCheckpoint
 from tnlit.pipeline.lock import hold
 from tnlit.pipeline.run_dir import Run, factor_state, load_factors, save_factors, usable
-from tnlit.pipeline.settings import FinetuneSettings, InitSettings, SliceSettings, uses_store
+from tnlit.pipeline.settings import FinetuneSettings, InitSettings, SliceSettings, optimiser_args, uses_store
 from tnlit.slices import Slice, tensorized_names
 
 __all__ = ["fit", "global_phase", "initialise", "train_slices"]
@@ -122,10 +122,7 @@ def train_slices(
             model if store is None else None,
             student,
             group,
-            lr=settings.lr,
-            weight_decay=settings.weight_decay,
-            schedule=settings.schedule,
-            warmup_steps=settings.warmup_steps,
+            **optimiser_args(settings),
             inputs=settings.inputs,
             loss=settings.loss,
         )
@@ -195,10 +192,7 @@ def global_phase(
         student,
         task=loss,
         teacher=model if finetune.kd_weight or loss == "features" else None,
-        lr=finetune.lr,
-        weight_decay=finetune.weight_decay,
-        schedule=finetune.schedule,
-        warmup_steps=finetune.warmup_steps,
+        **optimiser_args(finetune),
         kd_weight=finetune.kd_weight,
         temperature=finetune.temperature,
     )

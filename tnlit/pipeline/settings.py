@@ -6,6 +6,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import LightningDataModule
 
@@ -22,7 +23,15 @@ from tnlit.types import (
     check_choice,
 )
 
-__all__ = ["FinetuneSettings", "InitSettings", "LogSettings", "SliceSettings", "check_settings", "uses_store"]
+__all__ = [
+    "FinetuneSettings",
+    "InitSettings",
+    "LogSettings",
+    "SliceSettings",
+    "check_settings",
+    "optimiser_args",
+    "uses_store",
+]
 
 
 @dataclass
@@ -133,6 +142,11 @@ class InitSettings:
     output error."""
     damping: float = 1e-6
     """Ridge added to each covariance, relative to its mean diagonal: keeps the fit unique where inputs never vary."""
+
+
+def optimiser_args(settings: SliceSettings | FinetuneSettings) -> dict[str, Any]:
+    """A phase's optimiser settings as the LightningModules take them (``configure_adam``'s)."""
+    return {k: getattr(settings, k) for k in ("lr", "weight_decay", "schedule", "warmup_steps")}
 
 
 def uses_store(settings: SliceSettings) -> bool:
