@@ -12,6 +12,7 @@ and rank 0 assembles the student: see :mod:`tnlit.pipeline.parallel` and :mod:`t
 from __future__ import annotations
 
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,8 @@ def compress(
         model, student, report, slices = _load(teacher, teacher_weights, data, plan, slicewise, method, seed)
         if ranks is not None and not ranks.main:
             return rank_worker(ranks, model, student, data, slices, run, config, slicewise, finetune)
-        run.state = open_run_dir(
-            run.dir, config, overwrite, compress, lambda previous: run_inputs(model, teacher_weights, data, previous)
-        )
+        inputs = partial(run_inputs, model, teacher_weights, data, fingerprint=_module_hash(config))
+        run.state = open_run_dir(run.dir, config, overwrite, compress, inputs)
         _prepare(run, model, student, report, data, init, config, log)
         if eval_each_epoch:
             run.evaluate = lambda student: evaluate_task(student, data, task, run.device, teacher=model)
@@ -163,6 +163,11 @@ def _named(args: dict[str, Any]) -> dict[str, Any]:
             raise ValueError("a callable task needs a one-process run: give classification, causal_lm or features")
         named["task"] = {"callable": metric_name(args["task"])}
     return named
+
+
+def _module_hash(config: dict[str, Any]) -> str | None:
+    """A module teacher's weights hash, which its config holds already (:func:`_named`): not computed twice."""
+    return config["teacher"].get("sha256") if isinstance(config["teacher"], dict) else None
 
 
 def _teacher(teacher: str | nn.Module, weights: Path | None) -> nn.Module:

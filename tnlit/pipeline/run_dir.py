@@ -351,11 +351,15 @@ def data_files(data: LightningDataModule) -> dict[str, Path]:
 
 
 def run_inputs(
-    model: nn.Module, weights: Path | None, data: LightningDataModule, previous: dict[str, Any]
+    model: nn.Module,
+    weights: Path | None,
+    data: LightningDataModule,
+    previous: dict[str, Any],
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """The identity of what a run reads besides its config: the teacher's content (sha256 over its state_dict, as
-    loaded; kept with the weights file's path, size and mtime, and taken from ``previous`` when those are unchanged)
-    and each data file's sha256 (idem)."""
+    loaded; kept with the weights file's path, size and mtime, and taken from ``previous`` when those are unchanged;
+    ``fingerprint`` when the caller has it already) and each data file's sha256 (idem)."""
     old = previous.get("teacher", {})
     teacher: dict[str, Any] = {"weights": None if weights is None else str(Path(weights).resolve())}
     if weights is not None and old.get("weights") == teacher["weights"]:
@@ -366,7 +370,7 @@ def run_inputs(
         if weights is not None:
             stat = Path(weights).stat()
             teacher.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
-        teacher["sha256"] = teacher_fingerprint(model)
+        teacher["sha256"] = fingerprint or teacher_fingerprint(model)
     files = {
         str(p.resolve()): _file_identity(p, previous.get("data_files", {}).get(str(p.resolve())))
         for p in data_files(data).values()
