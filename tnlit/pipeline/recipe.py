@@ -189,8 +189,17 @@ def _prepare(
     log: LogSettings,
 ) -> None:
     """Write the report, set up the data, fit the start when asked, and open the loggers."""
-    if run.state.get("done") and (run.dir / "report.csv").exists():  # written when the run finished; read-only ok
-        return _prepare_data(run, model, student, data, init, config, log)
+    # A finished run wrote its report already: it rewrites nothing (it can report from a read-only directory).
+    if not (run.state.get("done") and (run.dir / "report.csv").exists()):
+        _write_report(run, model, report)
+    data.prepare_data()
+    data.setup("fit")
+    initialise(model, student, data, init, run)
+    run.loggers = Loggers(log, run.dir, run.state, config, save=run.save)
+
+
+def _write_report(run: Run, model: nn.Module, report: CompressionReport) -> None:
+    """The compression report (CSV, JSON, the format choices), the teacher's architecture, and the counts in state."""
     report.to_csv(run.dir / "report.csv")
     report.to_json(run.dir / "report.json")
     save_architecture(model, run.dir)  # the student then loads without the teacher (tnlit.load_student)
@@ -201,22 +210,6 @@ def _prepare(
         "params_after": report.params_after,
         "compression_rate": report.compression_rate,
     }
-    _prepare_data(run, model, student, data, init, config, log)
-
-
-def _prepare_data(
-    run: Run,
-    model: nn.Module,
-    student: nn.Module,
-    data: LightningDataModule,
-    init: InitSettings,
-    config: dict[str, Any],
-    log: LogSettings,
-) -> None:
-    data.prepare_data()
-    data.setup("fit")
-    initialise(model, student, data, init, run)
-    run.loggers = Loggers(log, run.dir, run.state, config, save=run.save)
 
 
 def _recover(
