@@ -11,9 +11,9 @@ matrices) as two-site MPOs, or low rank, at a per-matrix CR whose whole-model CR
 
 Recipes (rows): ``dense`` (the teacher), ``tt_svd`` (the paper's TT-SVD start, untrained), ``paper`` (slice-wise
 distillation from it at Adam lr 1e-3), ``global`` (global finetuning from it with logit distillation), ``hybrid``
-(half the epochs slice-wise, then global), ``best`` (low rank from the exact whitened-SVD start, the activation-
-aware init: perplexity in the tens untrained on this model, then slice-wise at a tenth of the lr, which keeps that
-start). Calibrated on the default text mix (pydoc, news, KJV; each source's first 90 %), judged on each source's
+(half the epochs slice-wise, then global), ``whitened`` (low rank from the exact whitened-SVD start, the
+activation-aware init, then slice-wise at a tenth of the lr, which keeps that start), ``best`` (that start, then
+the hybrid). Calibrated on the default text mix (pydoc, news, KJV; each source's first 90 %), judged on each source's
 held-out tail and an unseen source (scikit-learn's dataset descriptions).
 
 Writes ``<results>/smollm2.csv`` (a row per recipe and point: perplexity per text, its ratio to dense, times),
@@ -48,7 +48,8 @@ RECIPES = {
     "paper": "the paper's slice-wise recipe: TT-SVD start, teacher inputs, MSE, Adam lr 1e-3",
     "global": "global finetuning from the TT-SVD start (task loss + logit distillation 0.5)",
     "hybrid": "hybrid: half the epochs slice-wise, then global with logit distillation",
-    "best": "low rank, exact whitened-SVD start (activation-aware), slice-wise at lr 1e-4",
+    "whitened": "low rank, exact whitened-SVD start (activation-aware), slice-wise at lr 1e-4",
+    "best": "the whitened low-rank start, then the hybrid: half the epochs slice-wise at lr 1e-4, then global",
 }
 
 
@@ -89,11 +90,13 @@ def recipes(config: dict[str, Any], epochs: int) -> dict[str, dict[str, Any]]:
         "hybrid": _merge(
             config, {"method": "hybrid", "slicewise": {"epochs": half}, "finetune": {"epochs": max(1, epochs - half)}}
         ),
-        "best": _merge(config, {"init": {"method": "activation"}, "slicewise": {"lr": 1e-4}}),
+        "whitened": _merge(config, {"init": {"method": "activation"}, "slicewise": {"lr": 1e-4}}),
     }
-    for rule in out["best"]["plan"]["rules"]:
-        rule["format"] = "lowrank"
-        rule.pop("sites", None)
+    out["best"] = _merge(out["hybrid"], {"init": {"method": "activation"}, "slicewise": {"lr": 1e-4}})
+    for name in ("whitened", "best"):
+        for rule in out[name]["plan"]["rules"]:
+            rule["format"] = "lowrank"
+            rule.pop("sites", None)
     return out
 
 

@@ -281,7 +281,7 @@ def test_the_smollm2_script_runs_a_tiny_llama_end_to_end(tmp_path):
 
     rows = table()
     assert table()["best"]["wall_s"] == rows["best"]["wall_s"]  # a finished run is reused, with its own times
-    assert list(rows) == ["dense", "tt_svd", "paper", "global", "hybrid", "best"]
+    assert list(rows) == ["dense", "tt_svd", "paper", "global", "hybrid", "whitened", "best"]
     assert rows["global"]["status"] == "not run (budget)" and rows["best"]["status"] == "ok"
     assert float(rows["best"]["ratio_unseen:sklearn"]) > 0
     md = (tmp_path / "results" / "smollm2.md").read_text()
