@@ -19,6 +19,7 @@ from torch import nn
 from tnlit.activations.capture import batch_input
 from tnlit.evaluate import output_tensor
 from tnlit.methods.common import FactorTraining, Schedule, factor_parameters
+from tnlit.methods.lm_loss import chunked_lm_losses, lm_split
 from tnlit.types import Task, check_choice
 
 __all__ = ["GlobalFinetune", "feature_loss", "logits_of", "task_loss"]
@@ -61,6 +62,7 @@ class GlobalFinetune(FactorTraining, LightningModule):
         warmup_steps: int = 0,
         kd_weight: float = 0.0,
         temperature: float = 2.0,
+        chunked_logits: bool = True,
     ) -> None:
         """
         Args:
@@ -74,6 +76,9 @@ class GlobalFinetune(FactorTraining, LightningModule):
             warmup_steps: Optimizer steps of linear warm-up.
             kd_weight: Weight of logit distillation, ``(1 - w) * task + w * T^2 * KL(teacher || student)``.
             temperature: Softmax temperature of the logit distillation.
+            chunked_logits: A causal LM's losses from its final hidden states, a chunk of tokens at a time, never
+                holding the vocabulary-wide logits of the whole batch (the same losses; used where the model's logits
+                are its head's output, checked on the first batch).
         """
         super().__init__()
         check_choice("task", task, Task)
@@ -83,6 +88,7 @@ class GlobalFinetune(FactorTraining, LightningModule):
         self.student = student.requires_grad_(False)
         self.teacher = None if teacher is None else teacher.requires_grad_(False)
         self.train_only(factor_parameters([student]), "the student")
+        self._split_checked, self._split = False, None
 
     def train(self, mode: bool = True) -> GlobalFinetune:
         # The dense parts are frozen: BatchNorm keeps the teacher's statistics, dropout stays off.
@@ -93,28 +99,55 @@ class GlobalFinetune(FactorTraining, LightningModule):
         return self
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        logits = logits_of(self.student, batch_input(batch))
+        x = batch_input(batch)
         if self.hparams.task == "features":
             with torch.no_grad():
-                target = logits_of(self.teacher, batch_input(batch))
-            loss = feature_loss(logits, target)
+                target = logits_of(self.teacher, x)
+            loss = feature_loss(logits_of(self.student, x), target)
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
             return loss
-        loss = task_loss(self.hparams.task, logits, batch)
+        loss, kd = self._losses(batch, x)
         self.log("train/task_loss", loss, on_step=True, on_epoch=True)
-        if self.hparams.kd_weight:
-            with torch.no_grad():
-                target = logits_of(self.teacher, batch_input(batch))
-            t = self.hparams.temperature
-            # Per position (image or token), like the task loss.
-            student_logp = F.log_softmax(logits.flatten(0, -2).float() / t, -1)
-            teacher_logp = F.log_softmax(target.flatten(0, -2).float() / t, -1)
-            kd = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean") * t * t
+        if kd is not None:
             loss = (1 - self.hparams.kd_weight) * loss + self.hparams.kd_weight * kd
         if not torch.isfinite(loss):
             raise FloatingPointError("non-finite global finetuning loss: lower the lr")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
+
+    def _losses(self, batch: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(task loss, logit distillation or None)``: a causal LM's from its hidden states a chunk of tokens at a
+        time (``tnlit.methods.lm_loss``) where its logits allow, else from the full logits."""
+        t, distil = self.hparams.temperature, bool(self.hparams.kd_weight)
+        split = self._lm_split(x)
+        if split is not None:
+            (body, head), (teacher_body, teacher_head) = split
+            target = None
+            if distil:
+                with torch.no_grad():
+                    target = teacher_body(x).last_hidden_state
+            hidden = body(x).last_hidden_state
+            return chunked_lm_losses(hidden, x, head, target=target, target_head=teacher_head, temperature=t)
+        logits = logits_of(self.student, x)
+        loss = task_loss(self.hparams.task, logits, batch)
+        if not distil:
+            return loss, None
+        with torch.no_grad():
+            target = logits_of(self.teacher, x)
+        # Per position (image or token), like the task loss.
+        student_logp = F.log_softmax(logits.flatten(0, -2).float() / t, -1)
+        teacher_logp = F.log_softmax(target.flatten(0, -2).float() / t, -1)
+        return loss, F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean") * t * t
+
+    def _lm_split(self, x: torch.Tensor) -> tuple[tuple[nn.Module, nn.Module], tuple[Any, Any]] | None:
+        """The student's (and, when distilling, the teacher's) ``(body, head)``, checked on the first batch."""
+        if not self._split_checked:
+            self._split_checked = True
+            if self.hparams.task == "causal_lm" and self.hparams.chunked_logits:
+                student = lm_split(self.student, x)
+                teacher = lm_split(self.teacher, x) if self.hparams.kd_weight else (None, None)
+                self._split = None if student is None or teacher is None else (student, teacher)
+        return self._split
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         logits = logits_of(self.student, batch_input(batch))
