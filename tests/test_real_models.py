@@ -235,7 +235,8 @@ def test_compress_a_torchvision_cnn_with_a_torchmetrics_metric(tmp_path):
     assert 0 <= state["final_metric"]["MulticlassAccuracy"] <= 1
 
 
-def test_the_smollm2_script_runs_a_tiny_llama_end_to_end(tmp_path):
+def byte_llama(folder):
+    """A one-layer LLaMA over a byte vocabulary, saved as a Hugging Face directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(
@@ -248,7 +249,23 @@ def test_the_smollm2_script_runs_a_tiny_llama_end_to_end(tmp_path):
             num_key_value_heads=2,
             max_position_embeddings=64,
         )
-    ).save_pretrained(tmp_path / "llama")
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_the_starts_script_measures_every_start_on_a_tiny_llama(tmp_path):
+    args = ["--model", str(byte_llama(tmp_path / "llama")), "--tokenizer", "bytes", "--quick", "--out", str(tmp_path)]
+    rows = reproduce_script("smollm2_starts").main([*args, "--text", "pydoc", "--unseen", "sklearn"])
+    starts = [r["start"] for r in rows]
+    assert starts[:3] == ["dense", "tt_svd", "svd"] and "whitened down only" in starts and len(starts) == 10
+    uniform = [r["whole_cr"] for r in rows if r["start"].startswith("whitened (") or r["start"] == "svd"]
+    assert len(set(uniform)) == 1  # the whitened starts and the plain SVD's keep the same parameters
+    assert all(r["ppl_pydoc"] > 0 and r["worst_ratio"] > 0 for r in rows[1:])
+    assert "ppl_unseen:sklearn" in (tmp_path / "smollm2_starts.csv").read_text()
+
+
+def test_the_smollm2_script_runs_a_tiny_llama_end_to_end(tmp_path):
+    byte_llama(tmp_path / "llama")
     script = reproduce_script("smollm2")
 
     def table():
