@@ -4,11 +4,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_causal_lm import GPT2_MLP, LLAMA_MLP, tiny_llama
 
 from tnlit import Rule, TensorizePlan, tensorize
 from tnlit.methods.global_finetune import GlobalFinetune
-from tnlit.methods.lm_loss import chunked_lm_losses, lm_split
+from tnlit.methods.lm_loss import chunked_lm_loss, lm_split
 
 
 def pair(family: str):
@@ -53,14 +54,37 @@ def test_chunk_size_does_not_change_the_losses():
         hidden, target = student.model(ids).last_hidden_state, teacher.model(ids).last_hidden_state
     head, target_head = student.get_output_embeddings(), teacher.get_output_embeddings()
     results = [
-        chunked_lm_losses(hidden, ids, head, target=target, target_head=target_head, chunk_elements=n)
+        chunked_lm_loss(hidden, ids, head, target=target, target_head=target_head, chunk_elements=n)
         for n in (1, 5 * 101, 10**9)
     ]
-    for task, kd in results[1:]:
-        torch.testing.assert_close(task, results[0][0])
-        torch.testing.assert_close(kd, results[0][1])
-    task, kd = chunked_lm_losses(hidden, ids, head)
-    assert kd is None and torch.isclose(task, results[0][0])
+    for loss, task, kd in results[1:]:
+        torch.testing.assert_close(loss, results[0][0])
+        torch.testing.assert_close(task, results[0][1])
+        torch.testing.assert_close(kd, results[0][2])
+    loss, task, kd = chunked_lm_loss(hidden, ids, head)
+    assert kd is None and torch.isclose(task, results[0][1]) and torch.isclose(loss, task)
+
+
+def test_the_heads_own_weight_gets_its_gradient_when_it_trains():
+    # A head that trains (not tnlit's global phase, which trains factors only) gets the full path's gradient.
+    torch.manual_seed(0)
+    head, target_head = torch.nn.Linear(8, 11), torch.nn.Linear(8, 11)
+    hidden, target = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 8)
+    ids = torch.randint(0, 11, (2, 5))
+    loss, _, _ = chunked_lm_loss(hidden, ids, head, target=target, target_head=target_head, chunk_elements=3 * 11)
+    grads = torch.autograd.grad(loss, [hidden, head.weight, head.bias])
+    logits, target_logits = head(hidden), target_head(target).detach()
+    task = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    kd = F.kl_div(
+        F.log_softmax(logits.flatten(0, 1) / 2, -1),
+        F.log_softmax(target_logits.flatten(0, 1) / 2, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    expected = torch.autograd.grad(0.5 * task + 0.5 * kd * 4, [hidden, head.weight, head.bias])
+    torch.testing.assert_close(loss, 0.5 * task + 0.5 * kd * 4)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_a_model_whose_logits_are_not_its_heads_output_keeps_the_full_logits():

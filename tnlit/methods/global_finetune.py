@@ -19,7 +19,7 @@ from torch import nn
 from tnlit.activations.capture import batch_input
 from tnlit.evaluate import output_tensor
 from tnlit.methods.common import FactorTraining, Schedule, factor_parameters
-from tnlit.methods.lm_loss import chunked_lm_losses, lm_split
+from tnlit.methods.lm_loss import chunked_lm_loss, lm_split
 from tnlit.types import Task, check_choice
 
 __all__ = ["GlobalFinetune", "feature_loss", "logits_of", "task_loss"]
@@ -77,8 +77,8 @@ class GlobalFinetune(FactorTraining, LightningModule):
             kd_weight: Weight of logit distillation, ``(1 - w) * task + w * T^2 * KL(teacher || student)``.
             temperature: Softmax temperature of the logit distillation.
             chunked_logits: A causal LM's losses from its final hidden states, a chunk of tokens at a time, never
-                holding the vocabulary-wide logits of the whole batch (the same losses; used where the model's logits
-                are its head's output, checked on the first batch).
+                holding the vocabulary-wide logits of the whole batch (the same losses and gradients; used where the
+                model's logits are its head's output, checked on the first batch).
         """
         super().__init__()
         check_choice("task", task, Task)
@@ -106,38 +106,40 @@ class GlobalFinetune(FactorTraining, LightningModule):
             loss = feature_loss(logits_of(self.student, x), target)
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
             return loss
-        loss, kd = self._losses(batch, x)
-        self.log("train/task_loss", loss, on_step=True, on_epoch=True)
-        if kd is not None:
-            loss = (1 - self.hparams.kd_weight) * loss + self.hparams.kd_weight * kd
+        loss, task = self._losses(batch, x)
+        self.log("train/task_loss", task, on_step=True, on_epoch=True)
         if not torch.isfinite(loss):
             raise FloatingPointError("non-finite global finetuning loss: lower the lr")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
-    def _losses(self, batch: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(task loss, logit distillation or None)``: a causal LM's from its hidden states a chunk of tokens at a
-        time (``tnlit.methods.lm_loss``) where its logits allow, else from the full logits."""
-        t, distil = self.hparams.temperature, bool(self.hparams.kd_weight)
+    def _losses(self, batch: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, task loss)``: the task loss mixed with the logit distillation (``kd_weight``); a causal LM's from
+        its hidden states a chunk of tokens at a time (``tnlit.methods.lm_loss``) where its logits allow."""
+        t, w = self.hparams.temperature, self.hparams.kd_weight
         split = self._lm_split(x)
         if split is not None:
             (body, head), (teacher_body, teacher_head) = split
             target = None
-            if distil:
+            if w:
                 with torch.no_grad():
                     target = teacher_body(x).last_hidden_state
             hidden = body(x).last_hidden_state
-            return chunked_lm_losses(hidden, x, head, target=target, target_head=teacher_head, temperature=t)
+            loss, task, _ = chunked_lm_loss(
+                hidden, x, head, target=target, target_head=teacher_head, temperature=t, kd_weight=w
+            )
+            return loss, task
         logits = logits_of(self.student, x)
-        loss = task_loss(self.hparams.task, logits, batch)
-        if not distil:
-            return loss, None
+        task = task_loss(self.hparams.task, logits, batch)
+        if not w:
+            return task, task
         with torch.no_grad():
             target = logits_of(self.teacher, x)
         # Per position (image or token), like the task loss.
         student_logp = F.log_softmax(logits.flatten(0, -2).float() / t, -1)
         teacher_logp = F.log_softmax(target.flatten(0, -2).float() / t, -1)
-        return loss, F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean") * t * t
+        kd = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean") * t * t
+        return (1 - w) * task + w * kd, task
 
     def _lm_split(self, x: torch.Tensor) -> tuple[tuple[nn.Module, nn.Module], tuple[Any, Any]] | None:
         """The student's (and, when distilling, the teacher's) ``(body, head)``, checked on the first batch."""

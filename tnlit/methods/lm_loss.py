@@ -3,10 +3,10 @@
 A causal LM's logits are ``head(hidden)``: a vocabulary-wide matrix per batch (SmolLM2: 49,152 logits per token,
 200 MB of float32 for 8 x 128 tokens; GPT-2 XL at 8 x 1,024 tokens: 1.6 GB), and the losses allocate several more
 of that size (log-softmax of teacher and student, their difference, the gradient). Computed from the final hidden
-states a few dozen tokens at a time, with each chunk's logits recomputed in the backward pass instead of kept
-(activation checkpointing), no tensor larger than a chunk's logits exists: the losses and their gradients are the
-same (up to float round-off), the peak memory falls by the vocabulary-wide tensors, and on CPU the step is faster
-(freshly allocated 200 MB tensors cost page faults). ``reproduce/bench_lm_loss.py`` measures both.
+states a few dozen tokens at a time, each chunk's gradient formed in the forward pass (as fused LM-head losses do),
+no tensor larger than a chunk's logits exists: the losses and their gradients are the same (up to float round-off)
+and the peak memory falls by the vocabulary-wide tensors, for the same arithmetic (``reproduce/bench_lm_loss.py``
+times both paths side by side).
 
 The split needs ``logits == head(body(x).last_hidden_state)``, which holds for Hugging Face's plain causal LMs
 (GPT-2, LLaMA, Mistral, Qwen, ...) but not for those that rescale or cap the logits after the head (Gemma 2,
@@ -18,11 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from tnlit.evaluate import output_tensor
 
-__all__ = ["CHUNK_ELEMENTS", "chunked_lm_losses", "lm_split"]
+__all__ = ["CHUNK_ELEMENTS", "chunked_lm_loss", "lm_split"]
 
 CHUNK_ELEMENTS = 1 << 22
 """Logits per chunk (16 MB of float32): a chunk holds ``CHUNK_ELEMENTS // vocabulary`` tokens (85 for SmolLM2)."""
@@ -54,59 +53,104 @@ def lm_split(model: nn.Module, ids: torch.Tensor) -> tuple[nn.Module, nn.Module]
     return parts if full.shape == split.shape and torch.allclose(full, split, rtol=1e-4, atol=1e-4) else None
 
 
-def _chunk_losses(
-    hidden: torch.Tensor,
-    target: torch.Tensor | None,
-    labels: torch.Tensor,
-    head: nn.Module,
-    target_head: nn.Module | None,
-    temperature: float,
-) -> torch.Tensor:
-    """``[sum of next-token NLL, sum of T^2 KL(teacher || student)]`` over one chunk of tokens."""
-    logits = head(hidden).float()
-    nll = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-    if target is None:
-        return torch.stack([nll, torch.zeros_like(nll)])
-    with torch.no_grad():
-        teacher_logp = F.log_softmax(target_head(target).float() / temperature, -1)
-    student_logp = F.log_softmax(logits / temperature, -1)
-    kd = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum") * temperature**2
-    return torch.stack([nll, kd])
+class _ChunkedLMLoss(torch.autograd.Function):
+    """``(1 - w) * task + w * kd`` of a linear LM head over chunks of tokens, its gradients computed in the forward.
+
+    Each chunk's logits are made, turned into the loss and into the loss's gradient with respect to them
+    (``softmax(z) - onehot(label)`` for the cross-entropy, ``T (softmax(z / T) - softmax(z_teacher / T))`` for the
+    distillation), which the head's transpose takes back to the hidden states (and, where they train, to the
+    head's weight and bias), then freed: the backward pass only scales the stored gradients. The same arithmetic as
+    autograd through the full logits, with no recomputation and never more than a chunk's logits in memory.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, target_weight, target_bias, labels, temperature, kd_weight, size):
+        t, w = temperature, kd_weight if target is not None else 0.0
+        predicted, positions = (labels != -100).sum().clamp_min(1), hidden.shape[0]
+        task_scale, kd_scale = (1 - w) / predicted, w / positions
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], size):
+            part = slice(start, start + size)
+            z = F.linear(hidden[part], weight, bias).float()
+            grad_z = _task_part(z, labels[part], sums, task_scale)
+            if target is not None:
+                target_z = F.linear(target[part], target_weight, target_bias).float()
+                grad_z += _distillation_part(z, target_z, t, sums, kd_scale)
+            grad_z = grad_z.to(hidden.dtype)
+            grad_hidden[part] = grad_z @ weight
+            if grad_weight is not None:
+                grad_weight += grad_z.T @ hidden[part]
+            if grad_bias is not None:
+                grad_bias += grad_z.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        task, kd = sums[0] / predicted, sums[1] / positions
+        loss = (1 - w) * task + w * kd
+        ctx.mark_non_differentiable(task, kd)
+        return loss, task, kd
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_task, _grad_kd):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_loss for g in (grad_hidden, grad_weight, grad_bias)]
+        return *scaled, None, None, None, None, None, None, None
 
 
-def chunked_lm_losses(
+def _task_part(z: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Add a chunk's summed next-token NLL to ``sums[0]``; ``scale`` times its gradient in the logits ``z``."""
+    logp = F.log_softmax(z, -1)
+    valid = labels != -100
+    picked = labels.clamp_min(0)[:, None]
+    sums[0] += -(logp.gather(1, picked)[:, 0] * valid).sum()
+    grad = logp.exp_()  # softmax(z), in place of logp
+    grad.scatter_add_(1, picked, -valid[:, None].to(grad.dtype))
+    return grad.mul_(valid[:, None] * scale)
+
+
+def _distillation_part(z: torch.Tensor, target_z: torch.Tensor, t: float, sums: torch.Tensor, scale) -> torch.Tensor:
+    """Add a chunk's summed ``T^2 KL(teacher || student)`` to ``sums[1]``; ``scale`` times its gradient in ``z``."""
+    teacher_logp = F.log_softmax(target_z / t, -1)
+    student_logp = F.log_softmax(z / t, -1)
+    teacher_p = teacher_logp.exp()
+    sums[1] += (teacher_p * (teacher_logp - student_logp)).sum() * t * t
+    return (student_logp.exp_() - teacher_p).mul_(scale * t)
+
+
+def chunked_lm_loss(
     hidden: torch.Tensor,
     ids: torch.Tensor,
-    head: nn.Module,
+    head: nn.Linear,
     *,
     target: torch.Tensor | None = None,
-    target_head: nn.Module | None = None,
+    target_head: nn.Linear | None = None,
     temperature: float = 2.0,
+    kd_weight: float = 0.5,
     chunk_elements: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The next-token loss and (given the teacher's hidden states) the logit distillation, from hidden states.
 
     Args:
         hidden: The student's final hidden states ``(batch, tokens, width)``.
         ids: The input ids ``(batch, tokens)``: position ``i`` predicts ``ids[:, i + 1]``.
-        head: The student's LM head (hidden -> logits).
+        head: The student's LM head (a ``Linear``: hidden -> logits).
         target: The teacher's final hidden states, for distillation (None: the task loss alone).
         target_head: The teacher's LM head.
         temperature: Softmax temperature of the distillation.
+        kd_weight: ``w`` of ``(1 - w) * task + w * kd`` (ignored without ``target``).
         chunk_elements: Logits per chunk (``chunk_elements // vocabulary`` tokens); None: ``CHUNK_ELEMENTS``.
 
-    Returns ``(task, kd)``: the mean next-token cross-entropy over the ``batch * (tokens - 1)`` predicted positions,
-    as ``F.cross_entropy`` on the full logits gives it, and the mean over all ``batch * tokens`` positions of
-    ``T^2 KL(teacher || student)`` (None without ``target``).
+    Returns ``(loss, task, kd)``: the loss to train on (differentiable), the mean next-token cross-entropy over the
+    ``batch * (tokens - 1)`` predicted positions, as ``F.cross_entropy`` on the full logits gives it, and the mean
+    over all ``batch * tokens`` positions of ``T^2 KL(teacher || student)`` (None without ``target``); the last two
+    are detached, for logging.
     """
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1).flatten()
-    flat, flat_target = hidden.flatten(0, -2), None if target is None else target.flatten(0, -2)
+    flat = hidden.flatten(0, -2)
+    flat_target = None if target is None else target.detach().flatten(0, -2)
+    teacher = (None, None) if target_head is None else (target_head.weight.detach(), target_head.bias)
     size = max(1, (chunk_elements or CHUNK_ELEMENTS) // head.out_features)
-    sums = hidden.new_zeros(2, dtype=torch.float32)
-    for start in range(0, flat.shape[0], size):
-        part = slice(start, start + size)
-        chunk_target = None if flat_target is None else flat_target[part]
-        args = (flat[part], chunk_target, labels[part], head, target_head, temperature)
-        sums = sums + checkpoint(_chunk_losses, *args, use_reentrant=False)
-    task = sums[0] / (labels != -100).sum().clamp_min(1)
-    return task, None if target is None else sums[1] / flat.shape[0]
+    args = (flat, head.weight, head.bias, flat_target, *teacher, labels, temperature, kd_weight, size)
+    loss, task, kd = _ChunkedLMLoss.apply(*args)
+    return loss, task, None if target is None else kd
