@@ -105,8 +105,16 @@ def test_a_model_whose_logits_are_not_its_heads_output_keeps_the_full_logits():
     assert lm_split(torch.nn.Linear(3, 3), ids) is None  # no head, no body
 
 
-def test_the_benchmark_times_both_paths_on_one_model(tmp_path):
+def test_small_batches_keep_the_full_logits():
+    teacher, student = pair("llama")
+    *_, module = step(teacher, student, torch.randint(0, 101, (3, 16)), chunked=True, kd_weight=0.5)
+    assert module._split is None  # 48 x 101 logits: far below four chunks, the exact full-logit arithmetic
+
+
+def test_the_benchmark_times_both_paths_on_one_model(tmp_path, monkeypatch):
     from conftest import reproduce_script
+
+    monkeypatch.setattr("tnlit.methods.lm_loss.CHUNK_ELEMENTS", 101)  # so that the tiny batch is chunked
 
     tiny_llama().save_pretrained(tmp_path / "llama")
     rows = reproduce_script("bench_lm_loss").main(

@@ -19,7 +19,7 @@ from torch import nn
 from tnlit.activations.capture import batch_input
 from tnlit.evaluate import output_tensor
 from tnlit.methods.common import FactorTraining, Schedule, factor_parameters
-from tnlit.methods.lm_loss import chunked_lm_loss, lm_split
+from tnlit.methods.lm_loss import chunked_lm_loss, lm_split, worth_chunking
 from tnlit.types import Task, check_choice
 
 __all__ = ["GlobalFinetune", "feature_loss", "logits_of", "task_loss"]
@@ -78,7 +78,8 @@ class GlobalFinetune(FactorTraining, LightningModule):
             temperature: Softmax temperature of the logit distillation.
             chunked_logits: A causal LM's losses from its final hidden states, a chunk of tokens at a time, never
                 holding the vocabulary-wide logits of the whole batch (the same losses and gradients; used where the
-                model's logits are its head's output, checked on the first batch).
+                model's logits are its head's output and the batch's logits are over four chunks, checked on the
+                first batch).
         """
         super().__init__()
         check_choice("task", task, Task)
@@ -146,7 +147,8 @@ class GlobalFinetune(FactorTraining, LightningModule):
         if not self._split_checked:
             self._split_checked = True
             if self.hparams.task == "causal_lm" and self.hparams.chunked_logits:
-                student = lm_split(self.student, x)
+                parts = lm_split(self.student, x)
+                student = parts if parts is not None and worth_chunking(x.numel(), parts[1].out_features) else None
                 teacher = lm_split(self.teacher, x) if self.hparams.kd_weight else (None, None)
                 self._split = None if student is None or teacher is None else (student, teacher)
         return self._split

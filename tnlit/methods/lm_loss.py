@@ -21,10 +21,16 @@ from torch import nn
 
 from tnlit.evaluate import output_tensor
 
-__all__ = ["CHUNK_ELEMENTS", "chunked_lm_loss", "lm_split"]
+__all__ = ["CHUNK_ELEMENTS", "chunked_lm_loss", "lm_split", "worth_chunking"]
 
 CHUNK_ELEMENTS = 1 << 22
 """Logits per chunk (16 MB of float32): a chunk holds ``CHUNK_ELEMENTS // vocabulary`` tokens (85 for SmolLM2)."""
+
+
+def worth_chunking(tokens: int, vocabulary: int) -> bool:
+    """Whether a batch's logits are over four chunks: below that the full logits save nothing worth a change of
+    arithmetic (a small model keeps its exact float results, and a run directory resumed across versions too)."""
+    return tokens * vocabulary > 4 * CHUNK_ELEMENTS
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
